@@ -1,0 +1,350 @@
+"""Typed configuration: frozen dataclasses, loaded from YAML, overridden with --set.
+
+Every field is documented where it is declared and validated when the object is built, so
+a bad value fails before anything starts, with a :class:`ConfigError` naming the field
+(``train.batch_size must be >= 1, got 0``). The resolved configuration is written to the
+run directory as YAML (:func:`save_config`) and reloads to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from akod_ray.errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "akod", "file")
+DATA_SOURCES = ("cifar10", "procedural")
+REWARDS = ("reference", "paper")
+SAMPLERS = ("ddpm", "ddim")
+BUDGET_KINDS = ("images", "seconds")
+
+
+def _check(cond: bool, name: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{name} {msg}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    T: int = 1000  # number of diffusion steps (DDPM: 1000)
+    schedule: str = "linear"  # linear | cosine (fixed) | akod (learned by PPO) | file (a learned schedule file)
+    schedule_file: str | None = None  # schedule .json exported by an AKOD run, with schedule=file
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None = L_simple
+
+    def __post_init__(self) -> None:
+        _check(self.T >= 2, "diffusion.T", "must be >= 2", self.T)
+        _check(self.schedule in SCHEDULES, "diffusion.schedule", f"must be one of {SCHEDULES}", self.schedule)
+        if self.schedule == "file":
+            _check(bool(self.schedule_file), "diffusion.schedule_file", "must be set when diffusion.schedule=file", self.schedule_file)
+        if self.min_snr_gamma is not None:
+            _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null", self.min_snr_gamma)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    channels: tuple[int, ...] = (128, 256, 256, 512)  # width of each of the 4 resolution levels
+    bottleneck_channels: int = 512  # width of the bottleneck (the paper: 512)
+    num_res_blocks: int = 2  # residual blocks per level
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
+    dropout: float = 0.1
+    msfi: bool = True  # Multi-Scale Feature Integrator in the bottleneck (off: plain DDPM U-Net)
+    beta_modulation: bool = True  # beta_t / log-SNR FiLM on the noise-prediction layer
+    msfi_ffn_mult: int = 2  # hidden width of the MSFI feed-forward net, in bottleneck widths
+
+    def __post_init__(self) -> None:
+        _check(len(self.channels) == 4, "model.channels", "must list 4 widths (four down/up blocks)", self.channels)
+        for c in self.channels:
+            _check(c >= 1, "model.channels", "must all be positive", self.channels)
+            _check(c % 8 == 0, "model.channels", "must all be multiples of 8 (GroupNorm groups)", self.channels)
+        _check(self.bottleneck_channels >= 8 and self.bottleneck_channels % 8 == 0, "model.bottleneck_channels",
+               "must be a positive multiple of 8", self.bottleneck_channels)
+        _check(self.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1", self.num_res_blocks)
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _check(self.msfi_ffn_mult >= 1, "model.msfi_ffn_mult", "must be >= 1", self.msfi_ffn_mult)
+
+
+@dataclass(frozen=True)
+class DKOConfig:
+    kernel_size: int = 7  # Gaussian filter size k for sigma_local (the paper: 7; swept 3..11)
+    num_knots: int = 16  # schedule segments; the DKO acts once per knot
+    hidden: tuple[int, ...] = (64, 64)  # DKO MLP hidden widths
+    logsnr_max: float = 9.21  # log-SNR at t=1 (linear schedule's beta_1 = 1e-4)
+    logsnr_min: float = -10.13  # log-SNR at t=T (linear schedule's abar_T)
+    min_segment_share: float = 0.1  # share of the log-SNR range spread evenly over segments (keeps slopes > 0)
+    probe_size: int = 64  # real training images the DKO observes
+
+    def __post_init__(self) -> None:
+        k = self.kernel_size
+        _check(k >= 3 and k % 2 == 1, "dko.kernel_size", "must be odd and >= 3", k)
+        _check(self.num_knots >= 2, "dko.num_knots", "must be >= 2", self.num_knots)
+        _check(all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1, "dko.hidden", "must be positive widths", self.hidden)
+        _check(self.logsnr_max > self.logsnr_min, "dko.logsnr_max", "must exceed dko.logsnr_min", self.logsnr_max)
+        _check(0.0 < self.min_segment_share < 1.0, "dko.min_segment_share", "must be in (0, 1)", self.min_segment_share)
+        _check(self.probe_size >= 1, "dko.probe_size", "must be >= 1", self.probe_size)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "cifar10"  # cifar10 (Parquet folder) | procedural (seeded, no files)
+    data_dir: str | None = None  # folder with train.parquet/test.parquet; None: AKOD_DATA_DIR, then the cache
+    train_subset: int | None = None  # seeded random subset of the training set, by count; None = all
+    val_size: int = 256  # held-out images for the reference validation loss
+    seed: int = 0  # subset and shuffling seed
+
+    def __post_init__(self) -> None:
+        _check(self.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", self.source)
+        if self.train_subset is not None:
+            _check(self.train_subset >= 1, "data.train_subset", "must be >= 1 or null", self.train_subset)
+        _check(self.val_size >= 1, "data.val_size", "must be >= 1", self.val_size)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 800_000  # optimizer steps
+    batch_size: int = 64  # global batch (all workers, all accumulation micro-steps)
+    grad_accum: int = 1  # micro-batches per optimizer step on each worker
+    lr: float = 1e-4  # AdamW learning rate (the paper)
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.9999
+    bf16: bool = False  # bf16 autocast for the forward pass
+    channels_last: bool = False  # NHWC memory format
+    num_workers: int = 1  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1  # CPUs (and torch threads) per worker when training on CPU
+    log_every: int = 100  # steps between console progress lines / TensorBoard points
+    ckpt_every: int = 5000  # steps between checkpoints (each is one report to Ray Train)
+    sample_every: int = 10000  # steps between EMA sample grids
+    num_to_keep: int = 2  # checkpoints kept
+    max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts (-1 = forever)
+    val_batch: int = 64  # held-out images in the reference validation loss
+    ref_grid: int = 8  # log-SNR grid points of the reference protocol
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "ckpt_every",
+                     "sample_every", "num_to_keep", "val_batch", "ref_grid"):
+            _check(getattr(self, name) >= 1, f"train.{name}", "must be >= 1", getattr(self, name))
+        _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0", self.grad_clip)
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(self.max_failures >= -1, "train.max_failures", "must be >= -1", self.max_failures)
+        per = self.num_workers * self.grad_accum
+        _check(self.batch_size % per == 0, "train.batch_size",
+               f"must be divisible by train.num_workers * train.grad_accum = {per}", self.batch_size)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    segment_steps: int = 500  # K: denoiser steps trained with each proposed schedule
+    reward: str = "reference"  # reference (fixed log-SNR grid, cannot be gamed) | paper (loss under the proposal)
+    train_batch: int = 4  # schedules (episodes) per PPO iteration
+    minibatch_size: int = 32  # PPO minibatch, in env steps
+    num_epochs: int = 8  # PPO epochs per iteration
+    lr: float = 3e-4  # PPO learning rate
+    broker_timeout_s: float = 600.0  # longest wait for the other side of the broker
+
+    def __post_init__(self) -> None:
+        _check(self.segment_steps >= 1, "rl.segment_steps", "must be >= 1", self.segment_steps)
+        _check(self.reward in REWARDS, "rl.reward", f"must be one of {REWARDS}", self.reward)
+        for name in ("train_batch", "minibatch_size", "num_epochs"):
+            _check(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1", getattr(self, name))
+        _check(self.lr > 0, "rl.lr", "must be > 0", self.lr)
+        _check(self.broker_timeout_s > 0, "rl.broker_timeout_s", "must be > 0", self.broker_timeout_s)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sampler: str = "ddim"  # ddpm (all T steps) | ddim
+    ddim_steps: int = 50
+    ddim_eta: float = 0.0
+    fid_every: int = 0  # steps between offline-FID evaluations during training; 0 = only at the end
+    fid_samples: int = 1000
+    grid_size: int = 8  # sample grid is grid_size x grid_size
+    target_ref_loss: float | None = None  # time-to-target threshold on the reference loss
+    target_fid: float | None = None  # time-to-target threshold on FID / offline FID
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in SAMPLERS, "eval.sampler", f"must be one of {SAMPLERS}", self.sampler)
+        _check(self.ddim_steps >= 1, "eval.ddim_steps", "must be >= 1", self.ddim_steps)
+        _check(0.0 <= self.ddim_eta <= 1.0, "eval.ddim_eta", "must be in [0, 1]", self.ddim_eta)
+        _check(self.fid_every >= 0, "eval.fid_every", "must be >= 0", self.fid_every)
+        _check(self.fid_samples >= 2, "eval.fid_samples", "must be >= 2", self.fid_samples)
+        _check(self.grid_size >= 1, "eval.grid_size", "must be >= 1", self.grid_size)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "akod"  # run name; the run folder is root/name, and rerunning resumes it
+    root: str = "runs"  # where run folders go (shared or cloud storage on a cluster)
+    ray_address: str | None = None  # None: join a cluster if RAY_ADDRESS is set, else start a local Ray
+    num_cpus: int | None = None  # CPUs a locally started Ray may use (None: all)
+    dashboard: bool = True  # start the Ray Dashboard (127.0.0.1 only) with a locally started Ray
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'", self.name)
+        if self.num_cpus is not None:
+            _check(self.num_cpus >= 1, "run.num_cpus", "must be >= 1 or null", self.num_cpus)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dko: DKOConfig = field(default_factory=DKOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        d, k = self.diffusion, self.dko.num_knots
+        _check((d.T - 1) >= 4 * k, "dko.num_knots", f"must be at most (diffusion.T - 1) / 4 = {(d.T - 1) // 4}", k)
+        if d.schedule == "akod":
+            _check(self.train.ckpt_every % self.rl.segment_steps == 0, "train.ckpt_every",
+                   f"must be a multiple of rl.segment_steps={self.rl.segment_steps} for the akod schedule "
+                   "(checkpoints fall on segment ends)", self.train.ckpt_every)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check ``value`` against the type hint ``hint``; lists become tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (elem, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(v, elem, name) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {name}")  # a bug in this module
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key {where!r}; allowed: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], where)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], hint, where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` strings; values are parsed as YAML scalars/lists."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set key {key!r} must look like section.field")
+        section, name = parts
+        sections = {f.name for f in dataclasses.fields(Config)}
+        if section not in sections:
+            raise ConfigError(f"unknown config key {key!r}: no section {section!r}; allowed: {sorted(sections)}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{section} must be a mapping")
+        data[section][name] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+    return path

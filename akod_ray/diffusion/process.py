@@ -1,0 +1,99 @@
+"""The DDPM diffusion process (Ho et al. 2020), built from any valid betas.
+
+It has no parameters and no optimizer: the model is passed in per call, so any schedule,
+fixed or learned, plugs in. Constants are precomputed in float64 and read through
+:meth:`DiffusionProcess.extract`. Steps are 0-based: index t here is step t+1 of the paper.
+
+The denoiser is conditioned on the noise level, not the index: ``noise_cond(t)`` gives a
+[B, 4] float32 tensor with columns (log-SNR_t, log-SNR_{t-1}, log-SNR_{t+1}, beta_t), where
+log-SNR_t = log(abar_t / (1 - abar_t)). The neighbours feed the MSFI, beta_t the
+modulated output layer; a plain U-Net reads only column 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from akod_ray.diffusion.schedules import validate_betas
+
+COND_DIM = 4
+
+
+class DiffusionProcess:
+    def __init__(self, betas: torch.Tensor):
+        betas = validate_betas(torch.as_tensor(betas))
+        self.T = int(betas.shape[0])
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.abar = torch.cumprod(self.alphas, 0)  # abar_t = prod_{s<=t} (1 - beta_s)
+        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        self.sqrt_abar = self.abar.sqrt()
+        self.sqrt_one_minus_abar = (1.0 - self.abar).sqrt()
+        self.log_snr = torch.log(self.abar) - torch.log1p(-self.abar)
+        # Posterior q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I), Ho et al. Eq. 6-7.
+        self.posterior_variance = betas * (1.0 - self.abar_prev) / (1.0 - self.abar)
+        self.posterior_mean_coef1 = betas * self.abar_prev.sqrt() / (1.0 - self.abar)
+        self.posterior_mean_coef2 = (1.0 - self.abar_prev) * self.alphas.sqrt() / (1.0 - self.abar)
+        idx = torch.arange(self.T)
+        self._cond_table = torch.stack(
+            [
+                self.log_snr,
+                self.log_snr[(idx - 1).clamp(min=0)],
+                self.log_snr[(idx + 1).clamp(max=self.T - 1)],
+                betas,
+            ],
+            dim=1,
+        ).float()
+
+    @staticmethod
+    def extract(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """arr[t] as x's dtype and device, shaped [B, 1, 1, 1] to broadcast against x."""
+        out = arr.to(x.device)[t.to(x.device)].to(x.dtype)
+        return out.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def noise_cond(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, 4]: (log-SNR_t, log-SNR_{t-1}, log-SNR_{t+1}, beta_t) at 0-based steps t."""
+        return self._cond_table.to(t.device)[t]
+
+    def sample_t(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.T, (batch,), device=device, generator=generator)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al. Eq. 4)."""
+        return self.extract(self.sqrt_abar, t, x0) * x0 + self.extract(self.sqrt_one_minus_abar, t, x0) * noise
+
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return (x_t - self.extract(self.sqrt_one_minus_abar, t, x_t) * eps) / self.extract(self.sqrt_abar, t, x_t)
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+        return (x_t - self.extract(self.sqrt_abar, t, x_t) * x0) / self.extract(self.sqrt_one_minus_abar, t, x_t)
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. Eq. 7)."""
+        mean = self.extract(self.posterior_mean_coef1, t, x_t) * x0 + self.extract(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self.extract(self.posterior_variance, t, x_t)
+
+    def loss_weights(self, t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor | None:
+        """Min-SNR-gamma for epsilon prediction (Hang et al. 2023): w_t = min(SNR_t, gamma) / SNR_t."""
+        if min_snr_gamma is None:
+            return None
+        snr = torch.exp(self.log_snr.to(t.device)[t])
+        return (torch.clamp(snr, max=min_snr_gamma) / snr).float()
+
+    def training_loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        min_snr_gamma: float | None = None,
+    ) -> torch.Tensor:
+        """Per-example L_simple = ||eps - eps_theta(x_t, t)||^2 (Ho et al. Eq. 14), optionally Min-SNR weighted."""
+        x_t = self.q_sample(x0, t, noise)
+        eps = model(x_t, self.noise_cond(t))
+        loss = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        w = self.loss_weights(t, min_snr_gamma)
+        return loss if w is None else loss * w

@@ -1,0 +1,1 @@
+"""The denoising U-Net, its layers and the Multi-Scale Feature Integrator (plain PyTorch)."""

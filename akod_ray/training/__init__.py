@@ -1,0 +1,1 @@
+"""Training: the pure train step, EMA, checkpoints, and the Ray Train edges."""

@@ -1,0 +1,264 @@
+"""The training loop of one worker: it connects data, the pure train step, schedules,
+checkpoints and metrics. Where it runs (a Ray Train worker, or one local process) is a
+:class:`WorkerEnv`; the loop itself imports nothing from Ray.
+
+Order of work at each optimizer step:
+  1. at a segment start, take the schedule for the segment (fixed, or the DKO's proposal);
+  2. one train step (micro-batches, all-reduce under DDP), EMA update, NaN check;
+  3. at a segment end, the reference loss (all-reduced) goes back to the schedule source;
+  4. at intervals: progress line and metrics, sample grid, checkpoint (one report each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from akod_ray.config import Config, config_to_dict
+from akod_ray.data.parquet import to_model_range
+from akod_ray.data.sources import TrainingData
+from akod_ray.data.stream import BatchStream
+from akod_ray.diffusion.dko import uniform_logsnr_betas
+from akod_ray.diffusion.process import DiffusionProcess
+from akod_ray.diffusion.samplers import sample
+from akod_ray.errors import CheckpointError
+from akod_ray.models.unet import UNet
+from akod_ray.training.ema import EMA
+from akod_ray.training.step import ReferenceProtocol, StepOptions, check_finite, lr_at, make_optimizer, schedule_loss, train_step
+
+
+class WorkerEnv(Protocol):
+    """What the loop needs from its surroundings (Ray Train or a local process)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def all_reduce_mean(self, value: float) -> float: ...
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def resume_state(self) -> dict | None: ...
+    def report(self, metrics: dict, state: dict | None, step: int) -> None: ...
+
+
+@dataclass
+class Segment:
+    """A run of steps trained with one schedule."""
+
+    process: DiffusionProcess
+    length: int
+    request_id: int | None = None
+
+
+class ScheduleSource(Protocol):
+    def next_segment(self, step: int, steps_left: int) -> Segment: ...
+    def finish_segment(self, segment: Segment, result: dict) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class FixedSchedule:
+    """A fixed schedule (linear, cosine or a schedule file): one segment for the whole run."""
+
+    def __init__(self, betas: torch.Tensor):
+        self.process = DiffusionProcess(betas)
+
+    def next_segment(self, step: int, steps_left: int) -> Segment:
+        return Segment(self.process, steps_left)
+
+    def finish_segment(self, segment: Segment, result: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def reference_process(cfg: Config) -> DiffusionProcess:
+    """The reference protocol's process: log-SNR linear in t between the DKO endpoints."""
+    return DiffusionProcess(uniform_logsnr_betas(cfg.diffusion.T, cfg.dko.logsnr_max, cfg.dko.logsnr_min))
+
+
+@dataclass
+class Timers:
+    """Seconds spent in denoiser train steps and in everything else, by kind."""
+
+    train: float = 0.0
+    other: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def measure(self, kind: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t
+            if kind == "train":
+                self.train += dt
+            else:
+                self.other[kind] = self.other.get(kind, 0.0) + dt
+
+
+class MetricsLog:
+    """Rank 0's metrics: metrics.jsonl (one JSON object per interval) and TensorBoard events."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():  # drop records of steps after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    save_image((images + 1) / 2, tmp, nrow=nrow)
+    tmp.replace(path)
+    return path
+
+
+def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path, schedules: ScheduleSource) -> dict:
+    """Train until cfg.train.steps; returns the last metrics record (rank 0's view)."""
+    tc = cfg.train
+    device = env.device
+    channels_last = tc.channels_last
+    torch.manual_seed(tc.seed)  # the same initial weights on every worker
+    model = UNet(cfg.model).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = env.prepare_model(model)
+    raw = getattr(model, "module", model)
+    optimizer = make_optimizer(raw, tc.lr, tc.weight_decay)
+    ema = EMA(raw, tc.ema_decay)
+    stream = BatchStream(data.train, tc.batch_size, env.rank, env.world_size, tc.grad_accum, cfg.data.seed)
+    opts = StepOptions(cfg.diffusion.min_snr_gamma, tc.bf16, tc.grad_clip)
+
+    # 1. Resume from the latest checkpoint, if any.
+    step, wall_offset = 0, 0.0
+    state = env.resume_state()
+    if state is not None:
+        try:
+            raw.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            stream.load_state_dict(state["data"])
+            schedules.load_state_dict(state.get("schedule_source", {}))
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint at step {state.get('step')} does not fit this run: {e}") from None
+        step, wall_offset = int(state["step"]), float(state["wall_s"])
+
+    # 2. The reference protocol on this worker's share of the held-out images.
+    share = data.val.shape[0] // env.world_size
+    val = data.val[env.rank * share:(env.rank + 1) * share]
+    val_x0 = to_model_range(val).to(device)
+    ref = ReferenceProtocol(reference_process(cfg), val_x0, tc.ref_grid, seed=tc.seed + 1234)
+    log = MetricsLog(run_dir, step) if env.rank == 0 else None
+    eval_model = None
+    timers = Timers()
+    gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + env.rank * 7919 + step)
+    images_per_step = tc.batch_size
+    t0 = time.perf_counter()
+    last_log_t, last_log_step = t0, step
+    record: dict = {}
+    segment: Segment | None = None
+    seg_left = 0
+    process = None
+
+    def wall() -> float:
+        return wall_offset + time.perf_counter() - t0
+
+    def checkpoint_state() -> dict:
+        return {
+            "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "data": stream.state_dict(), "step": step, "wall_s": wall(), "betas": process.betas,
+            "config": config_to_dict(cfg), "schedule_source": schedules.state_dict(),
+        }
+
+    try:
+        while step < tc.steps:
+            if seg_left == 0:
+                with timers.measure("schedule_wait"):
+                    segment = schedules.next_segment(step, tc.steps - step)
+                process, seg_left = segment.process, segment.length
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tc.lr, tc.warmup_steps)
+            with timers.measure("train"):
+                micro = stream.next(device, channels_last)
+                metrics = train_step(model, process, micro, optimizer, opts, gen)
+                loss = metrics["loss"].item()
+                check_finite(loss, step + 1)
+                ema.update(raw)
+            step += 1
+            seg_left -= 1
+
+            if seg_left == 0 and segment.request_id is not None:
+                with timers.measure("reward"):
+                    result = {"ref_loss": env.all_reduce_mean(ref.loss(model, tc.bf16)), "step": step, "wall_s": wall()}
+                    if cfg.rl.reward == "paper":
+                        result["paper_loss"] = env.all_reduce_mean(schedule_loss(model, process, val_x0, bf16=tc.bf16))
+                    schedules.finish_segment(segment, result)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                with timers.measure("metrics"):
+                    ref_loss = env.all_reduce_mean(ref.loss(model, tc.bf16))
+                    now = time.perf_counter()
+                    record = {
+                        "step": step, "wall_s": wall(), "loss": env.all_reduce_mean(loss), "ref_loss": ref_loss,
+                        "img_per_s": (step - last_log_step) * images_per_step / max(now - last_log_t, 1e-9),
+                        "lr": optimizer.param_groups[0]["lr"], "train_s": timers.train,
+                        **{f"other_{k}_s": v for k, v in timers.other.items()},
+                    }
+                    last_log_t, last_log_step = time.perf_counter(), step
+                    if log is not None:
+                        log.write(record)
+                        print(f"[akod] step {step}/{tc.steps} loss {record['loss']:.4f} ref_loss {ref_loss:.4f} "
+                              f"{record['img_per_s']:.1f} img/s lr {record['lr']:.2e} wall {record['wall_s']:.1f}s", flush=True)
+
+            if env.rank == 0 and (step % tc.sample_every == 0 or step == tc.steps):
+                with timers.measure("samples"):
+                    if eval_model is None:
+                        eval_model = UNet(cfg.model).to(device)
+                    ema.copy_to(eval_model)
+                    g = torch.Generator(device=device).manual_seed(tc.seed)
+                    n = cfg.eval.grid_size**2
+                    images = sample(eval_model, process, n, g, cfg.eval.sampler, cfg.eval.ddim_steps, cfg.eval.ddim_eta,
+                                    device, bf16=tc.bf16)
+                    save_grid(images, run_dir / "samples" / f"grid_{step:08d}.png", cfg.eval.grid_size)
+
+            if step % tc.ckpt_every == 0 or step == tc.steps:
+                with timers.measure("checkpoint"):
+                    env.report(record or {"step": step}, checkpoint_state() if env.rank == 0 else None, step)
+    finally:
+        if log is not None:
+            log.close()
+    record = dict(record)
+    record["train_s"] = timers.train
+    record.update({f"other_{k}_s": v for k, v in timers.other.items()})
+    return record

@@ -1,0 +1,126 @@
+"""The pure training step and the validation losses; no Ray, no I/O.
+
+``train_step`` connects the process, the network and the optimizer: it knows nothing of
+where batches come from or where metrics go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from akod_ray.diffusion.process import DiffusionProcess
+from akod_ray.errors import TrainingDivergedError
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # The fused/foreach kernels are the fast paths; fused AdamW needs floating params on CUDA/CPU.
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to base_lr over warmup_steps, then constant (Ho et al. 2020)."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    min_snr_gamma: float | None = None
+    bf16: bool = False
+    grad_clip: float = 1.0
+
+
+def train_step(
+    model: nn.Module,
+    process: DiffusionProcess,
+    micro_batches: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    opts: StepOptions,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step over one or more micro-batches of x_0 in [-1, 1].
+
+    Returns detached tensors (no host sync here): ``loss`` (mean over micro-batches) and
+    ``grad_norm``. Under DDP, gradients are all-reduced only on the last micro-batch.
+    """
+    model.train()
+    n = len(micro_batches)
+    total = torch.zeros((), device=micro_batches[0].device)
+    for i, x0 in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            t = process.sample_t(x0.shape[0], x0.device, generator)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            with autocast(x0.device, opts.bf16):
+                loss = process.training_loss(model, x0, t, noise, opts.min_snr_gamma).mean()
+            (loss / n).backward()
+        total += loss.detach()
+    if opts.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+    else:
+        grad_norm = torch.zeros(())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": total / n, "grad_norm": grad_norm.detach()}
+
+
+def check_finite(loss: float, step: int) -> None:
+    """Stop on a NaN or inf loss with an error naming the step."""
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(f"training diverged: loss is {loss} at step {step}")
+
+
+class ReferenceProtocol:
+    """The default AKOD reward and the comparable validation metric of every arm (DESIGN 1.4).
+
+    The epsilon-MSE of the denoiser on a fixed held-out batch at a fixed grid of noise
+    levels, with fixed noise: the reference process's log-SNR falls linearly in t between
+    the DKO endpoints, and the grid takes ``grid`` evenly spaced steps of it. The proposed
+    schedule cannot change any of this, so it cannot make the metric easier.
+    """
+
+    def __init__(self, process: DiffusionProcess, x0: torch.Tensor, grid: int, seed: int = 1234):
+        self.process = process
+        self.x0 = x0
+        self.t_grid = torch.linspace(0, process.T - 1, grid).round().long()
+        g = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn((grid, *x0.shape), generator=g).to(x0.device, x0.dtype)
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module, bf16: bool = False) -> float:
+        model.eval()
+        b = self.x0.shape[0]
+        total = 0.0
+        for j, t in enumerate(self.t_grid.tolist()):
+            tt = torch.full((b,), t, dtype=torch.long, device=self.x0.device)
+            with autocast(self.x0.device, bf16):
+                total += self.process.training_loss(model, self.x0, tt, self.noise[j]).mean().item()
+        return total / len(self.t_grid)
+
+
+@torch.no_grad()
+def schedule_loss(model: nn.Module, process: DiffusionProcess, x0: torch.Tensor, seed: int = 4321,
+                  draws: int = 4, bf16: bool = False) -> float:
+    """The paper's reward term: L(x, eps_theta(x_t, t), beta_t) under ``process`` (the proposed
+    schedule), t uniform over its steps, with seeded t and noise."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        t = torch.randint(0, process.T, (x0.shape[0],), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        with autocast(x0.device, bf16):
+            total += process.training_loss(model, x0, t, noise).mean().item()
+    return total / draws

@@ -1,0 +1,126 @@
+"""The driver of one training run: a Ray Train TorchTrainer with N DDP workers.
+
+Ray-specific and thin: it resolves the data folder, writes the resolved config, starts or
+joins Ray, builds the TorchTrainer and turns worker failures back into clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from akod_ray.config import Config, config_to_dict, save_config
+from akod_ray.data.parquet import resolve_data_dir
+from akod_ray.errors import AkodError
+from akod_ray.training.schedule_source import fixed_betas
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join the cluster in run.ray_address or RAY_ADDRESS, else start a local Ray on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env if address != "auto" else None)
+        return
+    ray.init(
+        num_cpus=cfg.run.num_cpus,
+        include_dashboard=cfg.run.dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        resources={"TRAIN_DRIVER": 8},
+    )
+
+
+def data_dir_for(cfg: Config, flag: str | None) -> str | None:
+    if cfg.data.source != "cifar10":
+        return None
+    return str(resolve_data_dir(flag, cfg.data.data_dir).resolve())
+
+
+def unwrap_worker_error(err: BaseException) -> BaseException:
+    """The user-facing error behind a Train failure (e.g. a NaN loss on a worker), if there is one."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for exc in list(failures.values()) + [err]:
+        e: BaseException | None = exc
+        while e is not None:
+            if isinstance(e, AkodError):
+                return e
+            cause = getattr(e, "cause", None)
+            e = cause if isinstance(cause, BaseException) else e.__cause__
+    return err
+
+
+def build_trainer(cfg: Config, loop_config: dict, callbacks: list | None = None) -> TorchTrainer:
+    from akod_ray.training.worker_loop import train_worker
+
+    tc = cfg.train
+    scaling = ray.train.ScalingConfig(
+        num_workers=tc.num_workers,
+        use_gpu=tc.use_gpu,
+        resources_per_worker=None if tc.use_gpu else {"CPU": tc.cpus_per_worker},
+    )
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,  # deterministic: rerunning the same command resumes the same run
+        storage_path=str(Path(cfg.run.root).resolve()),
+        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.num_to_keep),
+        callbacks=callbacks or [],
+    )
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        run_config=run_config,
+    )
+
+
+def loop_config_for(cfg: Config, data_dir: str | None, run_dir: Path, **extra) -> dict:
+    return {"config": config_to_dict(cfg), "data_dir": data_dir, "run_dir": str(run_dir.resolve()),
+            "cpus_per_worker": cfg.train.cpus_per_worker, **extra}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fit(trainer: TorchTrainer):
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Train wraps worker errors; surface ours as themselves
+        inner = unwrap_worker_error(e)
+        if inner is not e:
+            raise inner from None
+        raise
+    if result.error is not None:
+        raise unwrap_worker_error(result.error)
+    return result
+
+
+def train(cfg: Config, data_dir_flag: str | None = None) -> dict:
+    """Train one arm with a fixed schedule (linear, cosine or a file); returns the last metrics."""
+    if cfg.diffusion.schedule == "akod":
+        from akod_ray.rl.driver import train_akod
+
+        return train_akod(cfg, data_dir_flag)
+    fixed_betas(cfg)  # fail before starting anything if the schedule file is bad
+    data_dir = data_dir_for(cfg, data_dir_flag)
+    run_dir = cfg.run_dir
+    save_config(cfg, run_dir)
+    ensure_ray(cfg)
+    fit(build_trainer(cfg, loop_config_for(cfg, data_dir, run_dir)))
+    records = read_metrics(run_dir)
+    return records[-1] if records else {}
