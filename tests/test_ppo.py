@@ -1,0 +1,177 @@
+"""PPO with the DKO as policy, against the real broker and a fake rank 0 that rewards schedules.
+
+The fake rank 0 is a thread that takes schedules from the broker and posts a deterministic
+reward (minus the distance of the schedule's log-SNR curve to a straight line), so the
+test can check that PPO saw exactly the rewards the "workers" posted.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import ray
+import torch
+from ray.rllib.algorithms.algorithm import Algorithm
+
+from akod_ray.config import Config, DiffusionConfig, DKOConfig, RLConfig, TrainConfig
+from akod_ray.diffusion.dko import DKO, uniform_logsnr_betas
+from akod_ray.diffusion.schedules import validate_betas
+from akod_ray.errors import CheckpointError
+from akod_ray.rl.broker import BrokerClient, BrokerClosedError, get_or_create_broker
+from akod_ray.rl.env import make_env_config
+from akod_ray.rl.ppo import (
+    broker_error,
+    build_ppo,
+    deterministic_schedule,
+    load_policy_module,
+    load_rl_state_dict,
+    restore_algorithm,
+    rl_state_dict,
+    save_algorithm,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+RUN = "ppo-test"
+CFG = Config(
+    diffusion=DiffusionConfig(T=100, schedule="akod"),
+    dko=DKOConfig(num_knots=4, hidden=(16, 16), probe_size=4),
+    rl=RLConfig(train_batch=3, minibatch_size=6, num_epochs=2, broker_timeout_s=30.0),
+    train=TrainConfig(steps=1000),
+)
+
+
+def schedule_reward(betas: list[float]) -> float:
+    """Minus the distance of the log-SNR curve to a concave target (not the zero-action straight line)."""
+    b = torch.tensor(betas, dtype=torch.float64)
+    abar = torch.cumprod(1 - b, 0)
+    log_snr = torch.log(abar) - torch.log1p(-abar)
+    u = torch.linspace(0, 1, len(betas), dtype=torch.float64)
+    target = CFG.dko.logsnr_max + (CFG.dko.logsnr_min - CFG.dko.logsnr_max) * u.sqrt()
+    return -float(((log_snr - target) ** 2).mean()) / 100
+
+
+class FakeRank0(threading.Thread):
+    def __init__(self, handle):
+        super().__init__(daemon=True)
+        self.client = BrokerClient(handle, timeout_s=30.0)
+        self.posted: list[float] = []
+
+    def run(self):
+        first, step = True, 0
+        while True:
+            try:
+                req = self.client.next_request(0.5, resume=first)
+            except BrokerClosedError:
+                return
+            first = False
+            if req is None:
+                continue
+            rid, sched = req
+            step += 10
+            r = schedule_reward(sched["betas"])
+            self.posted.append(r)
+            self.client.post_result(rid, {"reward": r, "ref_loss": 0.1 - r, "step": step})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    handle = get_or_create_broker(RUN)
+    rank0 = FakeRank0(handle)
+    rank0.start()
+    probe = np.random.default_rng(0).uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32)
+    env_config = make_env_config(CFG, probe, RUN)
+    algo = build_ppo(CFG, env_config)
+    yield {"algo": algo, "env_config": env_config, "rank0": rank0, "handle": handle}
+    algo.stop()
+    BrokerClient(handle, 5.0).close()
+    rank0.join(timeout=10)
+    ray.shutdown()
+
+
+def test_policy_network_is_the_dko(setup):
+    """Runs first: the untrained DKO's deterministic output is 0, i.e. the uniform log-SNR schedule."""
+    module = setup["algo"].get_module()
+    assert isinstance(module.pi, DKO)
+    assert [m.out_features for m in module.pi.body if hasattr(m, "out_features")] == list(CFG.dko.hidden)
+    expected = uniform_logsnr_betas(CFG.diffusion.T, CFG.dko.logsnr_max, CFG.dko.logsnr_min)
+    torch.testing.assert_close(deterministic_schedule(setup["algo"], setup["env_config"]), expected,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_two_iterations_see_exactly_the_posted_rewards(setup):
+    algo, rank0 = setup["algo"], setup["rank0"]
+    for i in range(2):
+        before = len(rank0.posted)
+        result = algo.train()
+        runners = result["env_runners"]
+        new = rank0.posted[before:]
+        assert len(new) == CFG.rl.train_batch == runners["num_episodes"]
+        assert runners["episode_return_mean"] == pytest.approx(np.mean(new), rel=1e-9, abs=1e-12)
+        assert runners["episode_return_min"] == pytest.approx(min(new), rel=1e-9, abs=1e-12)
+        assert runners["episode_return_max"] == pytest.approx(max(new), rel=1e-9, abs=1e-12)
+        assert runners["episode_len_mean"] == CFG.dko.num_knots - 1
+    betas = deterministic_schedule(algo, setup["env_config"])
+    validate_betas(betas, CFG.diffusion.T)
+
+
+def test_save_and_restore(setup, tmp_path):
+    algo, env_config = setup["algo"], setup["env_config"]
+    betas = deterministic_schedule(algo, env_config, progress=0.5, ref_loss=0.1)
+    weights = rl_state_dict(algo)
+    path = save_algorithm(algo, tmp_path / "rl")
+    save_algorithm(algo, tmp_path / "rl")  # overwriting an existing checkpoint is atomic too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rl"]
+
+    restored = restore_algorithm(CFG, env_config, path)
+    try:
+        torch.testing.assert_close(deterministic_schedule(restored, env_config, progress=0.5, ref_loss=0.1), betas,
+                                   rtol=0, atol=0)
+        for k, v in rl_state_dict(restored).items():
+            torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    finally:
+        restored.stop()
+
+    same = Algorithm.from_checkpoint(str(path))  # RLlib's own path, with the env_config saved inside
+    try:
+        torch.testing.assert_close(deterministic_schedule(same, env_config, progress=0.5, ref_loss=0.1), betas,
+                                   rtol=0, atol=0)
+    finally:
+        same.stop()
+
+    with pytest.raises(CheckpointError, match="missing or incomplete"):
+        restore_algorithm(CFG, env_config, tmp_path / "nothing")
+
+
+def test_weights_as_plain_tensors(setup):
+    algo, env_config = setup["algo"], setup["env_config"]
+    betas = deterministic_schedule(algo, env_config)
+    buf = io.BytesIO()
+    torch.save(rl_state_dict(algo), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    module = load_policy_module(CFG, env_config, state)  # no Algorithm needed to export the schedule
+    torch.testing.assert_close(deterministic_schedule(module, env_config), betas, rtol=0, atol=0)
+
+    fresh = build_ppo(CFG, env_config)
+    try:
+        assert not torch.equal(deterministic_schedule(fresh, env_config), betas)
+        load_rl_state_dict(fresh, state)
+        torch.testing.assert_close(deterministic_schedule(fresh, env_config), betas, rtol=0, atol=0)
+    finally:
+        fresh.stop()
+
+
+def test_closed_broker_stops_training_with_a_recognizable_error(setup):
+    """Runs last: the driver closes the broker when the Train run ends; algo.train() must stop."""
+    BrokerClient(setup["handle"], 5.0).close("Train run finished")
+    with pytest.raises(Exception) as err:
+        setup["algo"].train()
+    found = broker_error(err.value)
+    assert isinstance(found, BrokerClosedError) and "Train run finished" in str(found)
