@@ -59,6 +59,7 @@ class Segment:
 class ScheduleSource(Protocol):
     def next_segment(self, step: int, steps_left: int) -> Segment: ...
     def finish_segment(self, segment: Segment, result: dict) -> None: ...
+    def heartbeat(self, step: int) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -73,6 +74,9 @@ class FixedSchedule:
         return Segment(self.process, steps_left)
 
     def finish_segment(self, segment: Segment, result: dict) -> None:
+        pass
+
+    def heartbeat(self, step: int) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -217,6 +221,7 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
                 ema.update(raw)
             step += 1
             seg_left -= 1
+            schedules.heartbeat(step)
 
             if seg_left == 0 and segment.request_id is not None:
                 with timers.measure("reward"):

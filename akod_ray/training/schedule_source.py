@@ -18,5 +18,5 @@ def make_schedule_source(cfg: Config, env, loop_config: dict):
     if cfg.diffusion.schedule == "akod":
         from akod_ray.training.akod_source import BrokerSchedule
 
-        return BrokerSchedule(cfg, env, loop_config["broker_name"])
+        return BrokerSchedule(cfg, env, loop_config["broker_name"], loop_config.get("run_dir"))
     return FixedSchedule(fixed_betas(cfg))

@@ -69,8 +69,8 @@ def train_step(
         total += loss.detach()
     if opts.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-    else:
-        grad_norm = torch.zeros(())
+    else:  # no clipping, but the metric stays the true norm
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": total / n, "grad_norm": grad_norm.detach()}

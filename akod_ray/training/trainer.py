@@ -110,17 +110,17 @@ def fit(trainer: TorchTrainer):
     return result
 
 
-def train(cfg: Config, data_dir_flag: str | None = None) -> dict:
-    """Train one arm with a fixed schedule (linear, cosine or a file); returns the last metrics."""
+def train(cfg: Config, data_dir_flag: str | None = None, run_id: str | None = None, callbacks: list | None = None) -> dict:
+    """Train one arm; returns the last metrics record. ``run_id`` (a Tune trial id) names the AKOD broker."""
     if cfg.diffusion.schedule == "akod":
         from akod_ray.rl.driver import train_akod
 
-        return train_akod(cfg, data_dir_flag)
+        return train_akod(cfg, data_dir_flag, run_id, callbacks)
     fixed_betas(cfg)  # fail before starting anything if the schedule file is bad
     data_dir = data_dir_for(cfg, data_dir_flag)
     run_dir = cfg.run_dir
     save_config(cfg, run_dir)
     ensure_ray(cfg)
-    fit(build_trainer(cfg, loop_config_for(cfg, data_dir, run_dir)))
+    fit(build_trainer(cfg, loop_config_for(cfg, data_dir, run_dir), callbacks))
     records = read_metrics(run_dir)
     return records[-1] if records else {}
