@@ -125,6 +125,7 @@ class TrainConfig:
     sample_every: int = 10000  # steps between EMA sample grids
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts (-1 = forever)
+    max_wall_s: float | None = None  # stop at the first log interval past this training wall-clock (a time budget)
     val_batch: int = 64  # held-out images in the reference validation loss
     ref_grid: int = 8  # log-SNR grid points of the reference protocol
     seed: int = 0
@@ -139,6 +140,8 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0", self.grad_clip)
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)", self.ema_decay)
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1", self.max_failures)
+        if self.max_wall_s is not None:
+            _check(self.max_wall_s > 0, "train.max_wall_s", "must be > 0 or null", self.max_wall_s)
         per = self.num_workers * self.grad_accum
         _check(self.batch_size % per == 0, "train.batch_size",
                f"must be divisible by train.num_workers * train.grad_accum = {per}", self.batch_size)
@@ -183,6 +186,37 @@ class EvalConfig:
         _check(self.grid_size >= 1, "eval.grid_size", "must be >= 1", self.grid_size)
 
 
+ARMS = ("linear", "cosine", "min_snr", "akod")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = "sweep"  # the Tune experiment folder under run.root; rerun with --resume to continue it
+    arms: tuple[str, ...] = ARMS  # linear | cosine | min_snr (cosine + Min-SNR-gamma) | akod
+    kernel_sizes: tuple[int, ...] = (7,)  # DKO filter sizes k swept for the akod arm
+    seeds: tuple[int, ...] = (0,)
+    min_snr_gamma: float = 5.0  # gamma of the min_snr arm (Hang et al. 2023)
+    budget_kind: str = "images"  # images: train.steps = budget / train.batch_size; seconds: train.max_wall_s = budget
+    budget: float = 1_000_000  # the same budget for every arm (AKOD's RL overhead inside its time)
+    max_concurrent_trials: int | None = None  # None: cluster CPUs (or GPUs) / resources per trial
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "sweep.name", "must be a non-empty name without '/'", self.name)
+        _check(len(self.arms) >= 1, "sweep.arms", "must list at least one arm", self.arms)
+        for a in self.arms:
+            _check(a in ARMS, "sweep.arms", f"must be from {ARMS}", self.arms)
+        for k in self.kernel_sizes:
+            _check(k >= 3 and k % 2 == 1, "sweep.kernel_sizes", "must be odd and >= 3", self.kernel_sizes)
+        _check(len(self.kernel_sizes) >= 1 and len(self.seeds) >= 1, "sweep.kernel_sizes", "and sweep.seeds must be non-empty",
+               self.kernel_sizes)
+        _check(self.min_snr_gamma > 0, "sweep.min_snr_gamma", "must be > 0", self.min_snr_gamma)
+        _check(self.budget_kind in BUDGET_KINDS, "sweep.budget_kind", f"must be one of {BUDGET_KINDS}", self.budget_kind)
+        _check(self.budget > 0, "sweep.budget", "must be > 0", self.budget)
+        if self.max_concurrent_trials is not None:
+            _check(self.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "must be >= 1 or null",
+                   self.max_concurrent_trials)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "akod"  # run name; the run folder is root/name, and rerunning resumes it
@@ -207,6 +241,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         d, k = self.diffusion, self.dko.num_knots

@@ -29,6 +29,9 @@ class LocalEnv:
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def resume_state(self) -> dict | None:
         path = latest_checkpoint(self.run_dir)
         return None if path is None else load_state(path)

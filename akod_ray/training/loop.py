@@ -43,6 +43,7 @@ class WorkerEnv(Protocol):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
     def all_reduce_mean(self, value: float) -> float: ...
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def resume_state(self) -> dict | None: ...
     def report(self, metrics: dict, state: dict | None, step: int) -> None: ...
 
@@ -89,6 +90,28 @@ class FixedSchedule:
 def reference_process(cfg: Config) -> DiffusionProcess:
     """The reference protocol's process: log-SNR linear in t between the DKO endpoints."""
     return DiffusionProcess(uniform_logsnr_betas(cfg.diffusion.T, cfg.dko.logsnr_max, cfg.dko.logsnr_min))
+
+
+def offline_fid(cfg: Config, model: torch.nn.Module, process: DiffusionProcess, env: WorkerEnv, step: int) -> dict:
+    """fid_c10 of eval.fid_samples EMA samples, spread over the workers (each samples its share).
+
+    Returns {} when the shipped classifier or its reference statistics are missing, so a
+    run never fails for want of an evaluation network; the record then simply lacks fid_c10.
+    """
+    from akod_ray.errors import AkodError
+    from akod_ray.evaluation.fid import c10_activations, default_c10_reference, frechet_distance, statistics
+
+    try:
+        ref = default_c10_reference()
+    except AkodError:
+        return {}
+    n = cfg.eval.fid_samples // env.world_size
+    g = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 7919 + env.rank * 104_729 + step)
+    images = sample(model, process, n, g, cfg.eval.sampler, cfg.eval.ddim_steps, cfg.eval.ddim_eta, env.device,
+                    bf16=cfg.train.bf16)
+    acts = env.gather(torch.from_numpy(c10_activations(images.float(), device=env.device)).to(env.device)).cpu().numpy()
+    value = frechet_distance(statistics(acts, "samples"), ref)
+    return {"fid_c10": value, "fid_c10_n": int(acts.shape[0])}
 
 
 @dataclass
@@ -191,6 +214,7 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
     t0 = time.perf_counter()
     last_log_t, last_log_step = t0, step
     record: dict = {}
+    budget_spent = False
     segment: Segment | None = None
     seg_left = 0
     process = None
@@ -206,7 +230,7 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
         }
 
     try:
-        while step < tc.steps:
+        while step < tc.steps and not budget_spent:
             if seg_left == 0:
                 with timers.measure("schedule_wait"):
                     segment = schedules.next_segment(step, tc.steps - step)
@@ -241,12 +265,27 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
                         **{f"other_{k}_s": v for k, v in timers.other.items()},
                     }
                     last_log_t, last_log_step = time.perf_counter(), step
+                    if tc.max_wall_s is not None and env.all_reduce_mean(float(wall() >= tc.max_wall_s)) > 0:
+                        budget_spent = True  # every worker sees the same all-reduced decision
                     if log is not None:
                         log.write(record)
                         print(f"[akod] step {step}/{tc.steps} loss {record['loss']:.4f} ref_loss {ref_loss:.4f} "
                               f"{record['img_per_s']:.1f} img/s lr {record['lr']:.2e} wall {record['wall_s']:.1f}s", flush=True)
 
-            if env.rank == 0 and (step % tc.sample_every == 0 or step == tc.steps):
+            last = step == tc.steps or budget_spent
+            fid_due = last or (cfg.eval.fid_every > 0 and step % cfg.eval.fid_every == 0)
+            if fid_due:
+                with timers.measure("fid"):
+                    if eval_model is None:
+                        eval_model = UNet(cfg.model).to(device)
+                    ema.copy_to(eval_model)
+                    fid = offline_fid(cfg, eval_model, process, env, step)
+                    if fid and log is not None:
+                        record = dict(record, **fid)
+                        log.write({"step": step, "wall_s": record.get("wall_s", wall()), **fid})
+                        print(f"[akod] step {step} fid_c10 {fid['fid_c10']:.3f} (N={fid['fid_c10_n']})", flush=True)
+
+            if env.rank == 0 and (step % tc.sample_every == 0 or last):
                 with timers.measure("samples"):
                     if eval_model is None:
                         eval_model = UNet(cfg.model).to(device)
@@ -257,7 +296,7 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
                                     device, bf16=tc.bf16)
                     save_grid(images, run_dir / "samples" / f"grid_{step:08d}.png", cfg.eval.grid_size)
 
-            if step % tc.ckpt_every == 0 or step == tc.steps:
+            if step % tc.ckpt_every == 0 or last:
                 with timers.measure("checkpoint"):
                     env.report(record or {"step": step}, checkpoint_state() if env.rank == 0 else None, step)
     finally:

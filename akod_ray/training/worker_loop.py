@@ -45,6 +45,14 @@ class RayTrainEnv:
             dist.broadcast(tensor, src=0)
         return tensor
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every worker's equally shaped tensor along dim 0."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
     def resume_state(self) -> dict | None:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:

@@ -1,0 +1,1 @@
+"""The Ray Tune sweep: fixed schedules against AKOD, across DKO filter sizes and seeds."""

@@ -1,0 +1,91 @@
+"""One Tune trial: one arm trained with Ray Train (Train V2: the trial function builds the
+TorchTrainer, TuneReportCallback carries the workers' reports to Tune).
+
+A trial's config is the sweep's base config plus its point of the search space; the run
+folder and the broker are named from the trial's point and Tune's trial id, never a
+timestamp, so a restored trial resumes its own run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from akod_ray.config import Config, config_from_dict, config_to_dict
+from akod_ray.evaluation.metrics import read_metrics, time_to_target
+
+
+def search_space(cfg: Config) -> list[dict]:
+    """The sweep's points: each fixed arm per seed, the akod arm per (filter size, seed)."""
+    points = []
+    for seed in cfg.sweep.seeds:
+        for arm in cfg.sweep.arms:
+            for k in cfg.sweep.kernel_sizes if arm == "akod" else (None,):
+                points.append({"arm": arm, "kernel_size": k, "seed": seed})
+    return points
+
+
+def point_name(point: dict) -> str:
+    k = f"_k{point['kernel_size']}" if point["kernel_size"] is not None else ""
+    return f"{point['arm']}{k}_s{point['seed']}"
+
+
+def trial_config(base: Config, point: dict, run_root: str, trial_id: str) -> Config:
+    """The base config with the point's arm, filter size and seed, and the sweep's equal budget."""
+    d = config_to_dict(base)
+    arm = point["arm"]
+    d["diffusion"]["schedule"] = "cosine" if arm == "min_snr" else arm
+    d["diffusion"]["min_snr_gamma"] = base.sweep.min_snr_gamma if arm == "min_snr" else None
+    if point["kernel_size"] is not None:
+        d["dko"]["kernel_size"] = point["kernel_size"]
+    d["train"]["seed"] = point["seed"]
+    d["data"]["seed"] = point["seed"]
+    if base.sweep.budget_kind == "images":
+        d["train"]["steps"] = max(1, int(base.sweep.budget // base.train.batch_size))
+    else:
+        d["train"]["max_wall_s"] = float(base.sweep.budget)
+    d["run"]["root"] = run_root
+    d["run"]["name"] = f"{point_name(point)}-{trial_id}"
+    return config_from_dict(d)
+
+
+def summarize(cfg: Config, point: dict) -> dict:
+    """The trial's final numbers for Tune and the sweep table."""
+    records = read_metrics(cfg.run_dir / "metrics.jsonl")
+    last = {}
+    for r in records:  # later records win; fid lines carry only the fid keys
+        last.update({k: v for k, v in r.items() if v is not None})
+    out = {
+        "arm": point["arm"], "kernel_size": point["kernel_size"] or 0, "seed": point["seed"],
+        "step": last.get("step", 0), "wall_s": last.get("wall_s", math.nan),
+        "ref_loss": last.get("ref_loss", math.nan), "fid_c10": last.get("fid_c10", math.nan),
+        "fid_c10_n": last.get("fid_c10_n", 0), "run_dir": str(cfg.run_dir),
+    }
+    if cfg.eval.target_ref_loss is not None:
+        out["time_to_ref_loss_s"] = time_to_target(records, "ref_loss", cfg.eval.target_ref_loss)
+    if cfg.eval.target_fid is not None:
+        out["time_to_fid_c10_s"] = time_to_target(records, "fid_c10", cfg.eval.target_fid)
+    return out
+
+
+def make_trial_fn(base_dict: dict, run_root: str, data_dir: str | None):
+    """The Tune trainable: a plain function that runs one arm and reports its final numbers."""
+
+    def akod_trial(config: dict) -> None:
+        from akod_ray.training.trainer import train
+
+        base = config_from_dict(base_dict)
+        point = config["point"]
+        trial_id = tune.get_context().get_trial_id()
+        cfg = trial_config(base, point, run_root, trial_id)
+        train(cfg, data_dir, run_id=trial_id, callbacks=[TuneReportCallback()])
+        tune.report(summarize(cfg, point))
+
+    return akod_trial
+
+
+def replace_sweep(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, **changes))
