@@ -227,6 +227,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'", self.name)
+        _check("://" not in self.root, "run.root",
+               "must be a folder path (on a cluster: a shared filesystem mounted on every node), not a URI", self.root)
         if self.num_cpus is not None:
             _check(self.num_cpus >= 1, "run.num_cpus", "must be >= 1 or null", self.num_cpus)
 

@@ -1,0 +1,32 @@
+# make demo : the smoke sweep (every arm on a CIFAR-10 subset, a few minutes on 2 CPUs) + its report
+# make test : the whole test suite (unit tests + the real-Ray end-to-end tests marked slow)
+# Both create .venv from requirements.txt when it is missing.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CIFAR-10: AKOD_DATA_DIR if set, else the offline copy beside the checkout, else the download cache.
+export AKOD_DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10/train.parquet),$(abspath ../shared/data/cifar10),)
+
+.PHONY: setup demo test test-fast bench clean-runs
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	@if [ -d runs/smoke ]; then $(VENV)/bin/akod sweep tune_configs/smoke.yaml --resume; \
+	else $(VENV)/bin/akod sweep tune_configs/smoke.yaml; fi
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/run_all.py
