@@ -1,0 +1,116 @@
+"""The Tune sweep end to end through a real local Ray: the smoke sweep's shape (a fixed arm
+and AKOD, one table row per trial), and resume after the driver is killed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from akod_ray.config import load_config
+from akod_ray.sweep.trial import point_name, search_space, trial_config
+from akod_ray.sweep.tuner import write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+def test_search_space_covers_arms_filter_sizes_and_seeds():
+    cfg = load_config(ROOT / "tune_configs" / "smoke.yaml",
+                      ["sweep.arms=[linear,min_snr,akod]", "sweep.kernel_sizes=[3,5,7,9,11]", "sweep.seeds=[0,1]"])
+    points = search_space(cfg)
+    names = sorted(point_name(p) for p in points)
+    # fixed arms once per seed, akod once per (k, seed)
+    assert len(points) == 2 * (2 + 5)
+    assert "akod_k11_s1" in names and "linear_s0" in names and "min_snr_s1" in names
+    assert not any(n.startswith("linear_k") for n in names)
+
+
+def test_trial_config_gives_every_arm_the_same_budget():
+    cfg = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget=6400", "train.batch_size=32"])
+    by_arm = {p["arm"]: trial_config(cfg, p, "/tmp/x", "t1") for p in search_space(cfg)}
+    assert {c.train.steps for c in by_arm.values()} == {200}
+    assert by_arm["min_snr"].diffusion.schedule == "cosine" and by_arm["min_snr"].diffusion.min_snr_gamma == 5.0
+    assert by_arm["cosine"].diffusion.min_snr_gamma is None
+    assert by_arm["akod"].diffusion.schedule == "akod" and by_arm["akod"].dko.kernel_size == 7
+    assert by_arm["linear"].run.name == "linear_s0-t1"  # from the trial id, never a timestamp
+    timed = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget_kind=seconds", "sweep.budget=90"])
+    assert trial_config(timed, search_space(timed)[0], "/tmp/x", "t2").train.max_wall_s == 90.0
+
+
+def test_sweep_table_has_one_row_per_trial(tmp_path):
+    rows = [{"trial": "linear_s0", "arm": "linear", "ref_loss": 0.25, "fid_c10": float("nan")},
+            {"trial": "akod_k7_s0", "arm": "akod", "kernel_size": 7, "ref_loss": 0.2}]
+    csv_path, md_path = write_table(rows, tmp_path)
+    got = list(csv.DictReader(csv_path.open()))
+    assert [r["trial"] for r in got] == ["akod_k7_s0", "linear_s0"]
+    assert got[1]["ref_loss"] == "0.25"
+    md = md_path.read_text().splitlines()
+    assert len(md) == 4 and "| akod_k7_s0 | akod | 7 |" in md[2] and "—" in md[3]
+
+
+def _sweep_cmd(root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "akod_ray", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
+            "--set", f"run.root={root}", "--set", "run.dashboard=false", "--set", "sweep.arms=[linear,cosine,akod]",
+            "--set", "sweep.budget=2400", "--set", "sweep.max_concurrent_trials=1", "--set", "train.log_every=25",
+            "--set", "train.ckpt_every=25", "--set", "eval.fid_samples=64", "--set", "data.train_subset=1024", *extra]
+
+
+def _finished_runs(runs: Path, steps: int) -> list[Path]:
+    done = []
+    for m in runs.glob("*/metrics.jsonl"):
+        lines = [line for line in m.read_text().splitlines() if line.strip()]
+        if any(f'"step": {steps},' in line for line in lines) and (m.parent / f"checkpoint_{steps:08d}").is_dir():
+            done.append(m.parent)
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+@pytest.mark.skipif(not (CIFAR / "train.parquet").is_file(), reason="needs ../shared/data/cifar10")
+def test_smoke_sweep_survives_driver_kill_and_resumes(tmp_path):
+    env = dict(os.environ, AKOD_DATA_DIR=str(CIFAR), PYTHONUNBUFFERED="1")
+    sweep_dir, runs = tmp_path / "smoke", tmp_path / "smoke" / "runs"
+    steps = 2400 // 32
+
+    # 1. Start the sweep; kill the driver (and the Ray it started) once the first trial finished.
+    log1 = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(_sweep_cmd(tmp_path), cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and proc.poll() is None and not _finished_runs(runs, steps):
+            time.sleep(2)
+        assert proc.poll() is None, f"the sweep ended before it could be interrupted: {(tmp_path / 'first.log').read_text()[-3000:]}"
+        finished = _finished_runs(runs, steps)
+        assert len(finished) == 1, "the first trial did not finish in time"
+        time.sleep(3)  # let Tune record the finished trial
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = finished[0]
+    first_metrics = (first / "metrics.jsonl").read_text()
+    first_ckpts = sorted(p.name for p in first.glob("checkpoint_*"))
+
+    # 2. Resume: the finished trial is kept, the others finish; one table row per trial.
+    out = subprocess.run(_sweep_cmd(tmp_path, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "report" in out.stdout
+    assert (first / "metrics.jsonl").read_text() == first_metrics, "a finished trial was rerun"
+    assert sorted(p.name for p in first.glob("checkpoint_*")) == first_ckpts
+    rows = list(csv.DictReader((sweep_dir / "sweep_table.csv").open()))
+    assert sorted(r["arm"] for r in rows) == ["akod", "cosine", "linear"]
+    for r in rows:
+        assert int(float(r["step"])) == steps
+        assert 0 < float(r["ref_loss"]) < 1.0
+    assert len(_finished_runs(runs, steps)) == 3
+    akod_run = next(p for p in runs.iterdir() if p.name.startswith("akod_k7_s0"))
+    assert (akod_run / "schedule.json").is_file()
+    assert (sweep_dir / "report.md").is_file() and "akod" in (sweep_dir / "report.md").read_text()
