@@ -60,12 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("fid", help="FID (Inception) or fid_c10 (offline classifier) of a checkpoint's samples")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint folder or run folder")
-    p.add_argument("--stats", action="store_true", help="compute reference statistics of CIFAR-10 train instead")
+    p.add_argument("checkpoint", nargs="?",
+                   help="checkpoint folder or run folder; or the word 'stats' to compute reference statistics of CIFAR-10 train")
     p.add_argument("--feature", choices=("inception", "c10"), default="inception",
                    help="inception: pytorch-fid FID; c10: the offline fid_c10")
     p.add_argument("--ref", help="reference statistics .npz")
-    p.add_argument("--out", help="where --stats writes the .npz")
+    p.add_argument("--out", help="where 'akod fid stats' writes the .npz")
     p.add_argument("--n", type=_positive_int, default=10_000, help="number of samples")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=50)
@@ -121,19 +121,12 @@ def cmd_sample(args) -> int:
     from akod_ray.diffusion.process import DiffusionProcess
     from akod_ray.diffusion.samplers import sample
     from akod_ray.diffusion.schedules import load_schedule
-    from akod_ray.errors import CheckpointError
-    from akod_ray.training.checkpoint import latest_checkpoint, load_for_sampling
+    from akod_ray.training.checkpoint import load_for_sampling
     from akod_ray.training.loop import save_grid
 
     if not 0.0 <= args.eta <= 1.0:
         raise AkodError(f"--eta must be in [0, 1], got {args.eta}")
-    path = Path(args.checkpoint)
-    if path.is_dir() and not (path / "state.pt").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a state.pt under {str(path)!r}")
-        path = found
-    model, process, cfg = load_for_sampling(path, args.device)
+    model, process, cfg = load_for_sampling(_checkpoint_path(args.checkpoint), args.device)
     if args.schedule:
         process = DiffusionProcess(load_schedule(args.schedule, cfg.diffusion.T))
     g = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -156,9 +149,42 @@ def cmd_data(args) -> int:
 
 
 def cmd_fid(args) -> int:
-    from akod_ray.evaluation.cli import run_fid
+    from akod_ray.evaluation import fid
 
-    return run_fid(args)
+    weights = args.inception_weights if args.feature == "inception" else None
+    if args.checkpoint == "stats":
+        from akod_ray.config import load_config
+        from akod_ray.training.trainer import data_dir_for
+
+        if not args.out:
+            raise AkodError("akod fid stats needs --out FILE.npz")
+        data_dir = data_dir_for(load_config(None), args.data_dir)
+        stats = fid.compute_reference_stats(data_dir, args.out, feature=args.feature, weights=weights, device=args.device)
+        print(f"[akod] wrote {args.out}: N = {stats.n}, {stats.source}; {stats.implementation}")
+        return 0
+    if not args.checkpoint or not args.ref:
+        raise AkodError("akod fid needs a CHECKPOINT and --ref STATS.npz (or 'akod fid stats --out FILE.npz')")
+    if not 0.0 <= args.eta <= 1.0:
+        raise AkodError(f"--eta must be in [0, 1], got {args.eta}")
+    result = fid.fid_from_checkpoint(_checkpoint_path(args.checkpoint), args.ref, n=args.n, seed=args.seed,
+                                     sampler=args.sampler, steps=args.steps, eta=args.eta, weights=weights,
+                                     device=args.device)
+    print(f"[akod] {result}")
+    return 0
+
+
+def _checkpoint_path(text: str) -> Path:
+    """A checkpoint folder as given, or the latest checkpoint of a run folder."""
+    from akod_ray.errors import CheckpointError
+    from akod_ray.training.checkpoint import latest_checkpoint
+
+    path = Path(text)
+    if path.is_dir() and not (path / "state.pt").exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a state.pt under {str(path)!r}")
+        return found
+    return path
 
 
 def cmd_report(args) -> int:
