@@ -40,6 +40,8 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _check(self.T >= 2, "diffusion.T", "must be >= 2", self.T)
+        if self.schedule == "linear":  # beta_T = 0.02 * 1000 / T must stay <= 0.999
+            _check(self.T >= 21, "diffusion.T", "must be >= 21 for the linear schedule", self.T)
         _check(self.schedule in SCHEDULES, "diffusion.schedule", f"must be one of {SCHEDULES}", self.schedule)
         if self.schedule == "file":
             _check(bool(self.schedule_file), "diffusion.schedule_file", "must be set when diffusion.schedule=file", self.schedule_file)
@@ -86,6 +88,8 @@ class DKOConfig:
         _check(self.num_knots >= 2, "dko.num_knots", "must be >= 2", self.num_knots)
         _check(all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1, "dko.hidden", "must be positive widths", self.hidden)
         _check(self.logsnr_max > self.logsnr_min, "dko.logsnr_max", "must exceed dko.logsnr_min", self.logsnr_max)
+        _check(-20.0 <= self.logsnr_min and self.logsnr_max <= 20.0, "dko.logsnr_max",
+               "and dko.logsnr_min must lie in [-20, 20] (beta_1 rounds to 0 in float64 beyond)", self.logsnr_max)
         _check(0.0 < self.min_segment_share < 1.0, "dko.min_segment_share", "must be in (0, 1)", self.min_segment_share)
         _check(self.probe_size >= 1, "dko.probe_size", "must be >= 1", self.probe_size)
 
@@ -247,7 +251,11 @@ class Config:
 
     def __post_init__(self) -> None:
         d, k = self.diffusion, self.dko.num_knots
-        _check((d.T - 1) >= 4 * k, "dko.num_knots", f"must be at most (diffusion.T - 1) / 4 = {(d.T - 1) // 4}", k)
+        # Every action sequence gives beta_t <= 0.999 iff no segment drops log-SNR by more than
+        # ln(1000) per step; the steepest segment spans (T - 1) / K steps and drops the whole range.
+        drop = k * (self.dko.logsnr_max - self.dko.logsnr_min) / (d.T - 1)
+        _check(drop <= 6.9, "dko.num_knots", f"is too many for diffusion.T={d.T}: one segment could drop log-SNR by "
+               f"{drop:.2f} per step (> ln 1000); use fewer knots or a larger T", k)
         if d.schedule == "akod":
             _check(self.train.ckpt_every % self.rl.segment_steps == 0, "train.ckpt_every",
                    f"must be a multiple of rl.segment_steps={self.rl.segment_steps} for the akod schedule "
@@ -284,6 +292,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
