@@ -33,6 +33,10 @@ TOKEN_LOCAL_PATH = "~/.ray/auth_token"
 DOCKER_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 # GPU instance types this project targets, and their GPU count.
 AWS_GPU_TYPES = {"p4d.24xlarge": 8, "p4de.24xlarge": 8}
+# The shared filesystem (EFS / Filestore over NFS) every node mounts, host and container alike;
+# run.root and AKOD_DATA_DIR live on it (akod's run.root is a folder path, never a URI).
+SHARED_ROOT = "/mnt/akod-shared"
+CLUSTER_SWEEP_CONFIG = ROOT / "tune_configs" / "cifar10_a100.yaml"
 
 
 def load(path: Path) -> dict:
@@ -98,6 +102,39 @@ def ray_start(commands: list[str], head: bool) -> str:
     found = [c for c in commands if "ray start" in c and (("--head" in c) == head)]
     assert len(found) == 1, f"expected one {'head' if head else 'worker'} `ray start` command, got {found}"
     return found[0]
+
+
+def initialization_commands_for(cfg: dict, node_type: str) -> list[str]:
+    """Host commands of a node type: its own initialization_commands replace the global ones."""
+    nt = cfg["available_node_types"][node_type]
+    return list(nt["initialization_commands"] if "initialization_commands" in nt else cfg.get("initialization_commands", []))
+
+
+def docker_env(words: list[str]) -> dict[str, str]:
+    """Variables set by ``-e A=1`` / ``--env A=1`` in docker run options (split into words)."""
+    return dict(v.split("=", 1) for v in flag_values(words, "-e") + flag_values(words, "--env") if "=" in v)
+
+
+def nfs_mounts(command: str) -> list[tuple[str, str, str]]:
+    """(type, source, target) of every ``mount -t nfs|nfs4 ... SOURCE TARGET`` in a shell command."""
+    out = []
+    for statement in re.split(r"[;&|{}()\n]+", command):
+        words = shlex.split(statement)
+        if "mount" not in words:
+            continue
+        words = words[words.index("mount") + 1:]
+        fstype = flag_values(words, "-t")
+        positional, skip = [], False
+        for w in words:
+            if skip:
+                skip = False
+            elif w in ("-t", "-o"):
+                skip = True
+            elif not w.startswith("-"):
+                positional.append(w)
+        if fstype and fstype[0] in ("nfs", "nfs4") and len(positional) == 2:
+            out.append((fstype[0], positional[0], positional[1]))
+    return out
 
 
 def run_options_for(cfg: dict, node_type: str) -> list[str]:
@@ -169,11 +206,37 @@ def cluster_problems(cfg: dict) -> list[str]:
             if w.startswith("RAY_AUTH_TOKEN_PATH=") and w.split("=", 1)[1] not in token_targets:
                 p.append(f"auth: docker {w} of {node_type} is not the mounted token file")
 
-    # Results on shared storage.
-    storage = head_env.get("AKOD_STORAGE_PATH", "")
-    scheme = {"aws": "s3://", "gcp": "gs://"}.get(provider, "")
-    if not scheme or not storage.startswith(scheme):
-        p.append(f"storage: head must export AKOD_STORAGE_PATH={scheme}..., got {storage!r}")
+    # Results on a shared filesystem: every node mounts it on the host (NFS, before Docker
+    # starts) and bind-mounts it into the container at the same path; the data is on it too.
+    # run.root cannot be a URI, so no s3:// / gs:// "storage path" may pretend otherwise.
+    for node_type in node_types:
+        init = initialization_commands_for(cfg, node_type)
+        mounts = [m for c in init for m in nfs_mounts(c) if m[2].rstrip("/") == SHARED_ROOT]
+        if not mounts:
+            p.append(f"shared: {node_type} initialization_commands do not NFS-mount anything at {SHARED_ROOT}")
+        if not any(re.search(rf"^\s*mountpoint -q {re.escape(SHARED_ROOT)}\s*$", c) for c in init):
+            p.append(f"shared: {node_type} initialization_commands do not check `mountpoint -q {SHARED_ROOT}`")
+        for fstype, source, _ in mounts:
+            if provider == "aws":
+                m = re.fullmatch(r"fs-[0-9a-zA-Z]+\.efs\.([a-z0-9-]+)\.amazonaws\.com:/\S*", source)
+                if not m:
+                    p.append(f"shared: {node_type} mounts {source!r}, not an EFS file system (fs-ID.efs.REGION.amazonaws.com:/)")
+                elif m.group(1) != cfg["provider"].get("region"):
+                    p.append(f"shared: {node_type} EFS region {m.group(1)} is not provider.region {cfg['provider'].get('region')}")
+                if fstype != "nfs4":
+                    p.append(f"shared: {node_type} mounts EFS as {fstype}, EFS needs nfs4")
+            elif provider == "gcp" and not re.fullmatch(r"[^:/\s]+:/\S+", source):
+                p.append(f"shared: {node_type} mounts {source!r}, not a Filestore share (IP:/share)")
+        words = run_options_for(cfg, node_type)
+        volumes = flag_values(words, "-v") + flag_values(words, "--volume")
+        if f"{SHARED_ROOT}:{SHARED_ROOT}" not in {v.removesuffix(":rw") for v in volumes}:
+            p.append(f"shared: docker run options of {node_type} do not bind-mount {SHARED_ROOT} at the same path, got {volumes}")
+        data = docker_env(words).get("AKOD_DATA_DIR", "")
+        if not data.startswith(SHARED_ROOT + "/"):
+            p.append(f"data: docker run options of {node_type} must set AKOD_DATA_DIR under {SHARED_ROOT}, got {data!r}")
+        for key, value in {**docker_env(words), **head_env, **worker_env}.items():
+            if re.match(r"^[a-z0-9]+://", value) and key.startswith("AKOD"):
+                p.append(f"storage: {key}={value} is a URI; run.root and the data must be paths on {SHARED_ROOT}")
 
     # Trial drivers on the CPU head (custom resource), GPUs on workers only.
     head_res = node_types[head].get("resources") or {}
@@ -198,8 +261,6 @@ def cluster_problems(cfg: dict) -> list[str]:
                 p.append(f"gpu: worker {name} declares {res.get('GPU')} GPUs for {itype}")
             if (nc.get("InstanceMarketOptions") or {}).get("MarketType") != "spot":
                 p.append(f"spot: worker {name} is not a spot instance")
-            if "IamInstanceProfile" not in nc:
-                p.append(f"storage: worker {name} has no IamInstanceProfile (Train workers write checkpoints to S3)")
         elif provider == "gcp":
             mtype = str(nc.get("machineType", ""))
             m = re.fullmatch(r"a2-(?:highgpu|megagpu|ultragpu)-(\d+)g", mtype)
@@ -215,10 +276,6 @@ def cluster_problems(cfg: dict) -> list[str]:
                 p.append(f"gcp: worker {name} needs scheduling.onHostMaintenance: TERMINATE (GPU VMs)")
             if sched.get("provisioningModel") != "SPOT" and sched.get("preemptible") is not True:
                 p.append(f"spot: worker {name} is not a spot VM")
-            accounts = nc.get("serviceAccounts") or []
-            project = str(cfg["provider"].get("project_id"))
-            if not any(project in str(a.get("email", "")) for a in accounts):
-                p.append(f"storage: worker {name} has no service account of project {project} (checkpoints to GCS)")
         else:
             p.append(f"provider: unsupported type {provider!r}")
 
@@ -303,6 +360,14 @@ def test_project_rules(path):
     assert cluster_problems(cfg) == []
 
 
+def test_cluster_sweep_config_writes_to_the_shared_filesystem():
+    with open(CLUSTER_SWEEP_CONFIG) as f:
+        sweep = yaml.safe_load(f)
+    root = sweep["run"]["root"]
+    assert root.startswith(SHARED_ROOT + "/"), f"{CLUSTER_SWEEP_CONFIG.name}: run.root {root!r} is not on {SHARED_ROOT}"
+    assert sweep["train"].get("use_gpu") is True
+
+
 def test_helpers():
     assert docker_size("20g") == 20 * 1024**3
     assert docker_size("'512m'") == 512 * 1024**2
@@ -317,6 +382,10 @@ def test_helpers():
     assert image_problem("ghcr.io/akod-ray/akod-ray:latest") is not None
     assert image_problem("ghcr.io/akod-ray/akod-ray") is not None
     assert image_problem("akod-ray:0.1.0") is not None  # no registry
+    assert nfs_mounts("mountpoint -q /m || { sudo mkdir -p /m && sudo mount -t nfs4 -o a=1,hard fs-1.efs.r.amazonaws.com:/ /m; }") \
+        == [("nfs4", "fs-1.efs.r.amazonaws.com:/", "/m")]
+    assert nfs_mounts("sudo mount -t ext4 /dev/x /m") == []
+    assert docker_env(["-e", "A=1", "--env", "B=x=y", "-v", "/a:/a"]) == {"A": "1", "B": "x=y"}
 
 
 # --------------------------------------------------------------------------- can they fail?
@@ -380,7 +449,24 @@ COMMON_MUTATIONS = {
     "no token auth": (_head_cmd_sub("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"), "auth: head"),
     "token path mismatch": (_head_cmd_sub("RAY_AUTH_TOKEN_PATH=/home/ray/.akod/ray_auth_token",
                                           "RAY_AUTH_TOKEN_PATH=/tmp/elsewhere"), "auth: head RAY_AUTH_TOKEN_PATH"),
-    "no storage": (_head_cmd_sub("AKOD_STORAGE_PATH=", "AKOD_STORAGE=",), "storage:"),
+    "storage uri": (_head_cmd_sub("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=token AKOD_STORAGE_PATH=s3://b/runs"),
+                    "storage:"),
+    "no host mount": (_set(lambda c: c, "initialization_commands", []), "NFS-mount"),
+    "worker overrides host mount": (_set(_worker, "initialization_commands", ["echo no mount"]),
+                                    "initialization_commands do not NFS-mount"),
+    "no mount check": (lambda c: c["initialization_commands"].remove("mountpoint -q /mnt/akod-shared"),
+                       "mountpoint -q"),
+    "mount elsewhere": (lambda c: c.update(initialization_commands=[x.replace("/mnt/akod-shared", "/mnt/other")
+                                                                     for x in c["initialization_commands"]]),
+                        "NFS-mount"),
+    "no container mount": (lambda c: c["docker"]["run_options"].remove("-v /mnt/akod-shared:/mnt/akod-shared"),
+                           "bind-mount"),
+    "container path differs": (lambda c: c["docker"].update(run_options=[
+        o.replace("-v /mnt/akod-shared:/mnt/akod-shared", "-v /mnt/akod-shared:/data") for o in c["docker"]["run_options"]]),
+        "bind-mount"),
+    "data off the share": (lambda c: c["docker"].update(run_options=[
+        o.replace("AKOD_DATA_DIR=/mnt/akod-shared/data/cifar10", "AKOD_DATA_DIR=/home/ray/data")
+        for o in c["docker"]["run_options"]]), "data:"),
     "latest image": (_set(lambda c: c["docker"], "image", "ghcr.io/akod-ray/akod-ray:latest"), "':latest'"),
     "placeholder image": (_set(lambda c: c["docker"], "image", "akod-ray:0.1.0"), "registry"),
     "no head shm": (_set(lambda c: c["docker"], "head_run_options", []), "shm: no --shm-size"),
@@ -400,7 +486,13 @@ AWS_MUTATIONS = {
         "extra inbound rule"),
     "cpu worker": (lambda c: _worker(c)["node_config"].update(InstanceType="m5.24xlarge"), "gpu:"),
     "on demand": (lambda c: _worker(c)["node_config"].pop("InstanceMarketOptions"), "spot:"),
-    "no worker role": (lambda c: _worker(c)["node_config"].pop("IamInstanceProfile"), "IamInstanceProfile"),
+    "efs in another region": (lambda c: c.update(initialization_commands=[
+        x.replace(".efs.us-west-2.", ".efs.us-east-1.") for x in c["initialization_commands"]]), "EFS region"),
+    "nfs3 efs": (lambda c: c.update(initialization_commands=[
+        x.replace("mount -t nfs4", "mount -t nfs") for x in c["initialization_commands"]]), "EFS needs nfs4"),
+    "s3 instead of efs": (lambda c: c.update(initialization_commands=[
+        x.replace("fs-EDIT.efs.us-west-2.amazonaws.com:/", "s3.amazonaws.com:/bucket") for x in c["initialization_commands"]]),
+        "not an EFS"),
     "own security group": (lambda c: _worker(c)["node_config"].update(SecurityGroupIds=["sg-1"]), "bypasses"),
     "stopped spot": (_set(lambda c: c["provider"], "cache_stopped_nodes", True), "cache_stopped_nodes"),
 }
@@ -412,7 +504,8 @@ GCP_MUTATIONS = {
     "gpu count": (lambda c: _worker(c)["resources"].update(GPU=4), "gpu:"),
     "cpu worker": (lambda c: _worker(c)["node_config"].update(machineType="n2-standard-96"), "gpu:"),
     "http tag": (lambda c: _worker(c)["node_config"].update(tags={"items": ["http-server"]}), "network tags"),
-    "no worker account": (lambda c: _worker(c)["node_config"].pop("serviceAccounts"), "service account"),
+    "not a filestore share": (lambda c: c.update(initialization_commands=[
+        x.replace("FILESTORE-IP:/akod", "/dev/sdb") for x in c["initialization_commands"]]), "not a Filestore share"),
 }
 
 
