@@ -122,7 +122,7 @@ def cmd_sample(args) -> int:
     from akod_ray.diffusion.samplers import sample
     from akod_ray.diffusion.schedules import load_schedule
     from akod_ray.training.checkpoint import load_for_sampling
-    from akod_ray.training.loop import save_grid
+    from akod_ray.reporting.grids import save_grid
 
     if not 0.0 <= args.eta <= 1.0:
         raise AkodError(f"--eta must be in [0, 1], got {args.eta}")
