@@ -28,7 +28,8 @@ from akod_ray.rl.broker import BrokerClient, broker_name, get_or_create_broker
 from akod_ray.rl.env import make_env_config
 from akod_ray.rl.ppo import broker_error, build_ppo, deterministic_schedule, restore_algorithm, save_algorithm
 from akod_ray.training.checkpoint import atomic_torch_save
-from akod_ray.training.trainer import build_trainer, data_dir_for, ensure_ray, fit, loop_config_for, read_metrics
+from akod_ray.training.trainer import (build_trainer, data_dir_for, ensure_ray, fit, last_record, loop_config_for,
+                                       read_metrics)
 
 
 def load_probe(cfg: Config, data_dir: str | None) -> torch.Tensor:
@@ -125,8 +126,7 @@ def train_akod(cfg: Config, data_dir_flag: str | None = None, run_id: str | None
         algo.stop()
     if thread.error is not None:
         raise thread.error
-    records = read_metrics(run_dir)
-    last = dict(records[-1]) if records else {}
+    last = last_record(read_metrics(run_dir))
     last["ppo_iterations"] = iteration
     _append_jsonl(rl_dir / "driver_timing.jsonl", {"wall_s": time.perf_counter() - t0, **timing})
     return last

@@ -29,6 +29,7 @@ from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.diffusion.samplers import sample
 from akod_ray.errors import CheckpointError
 from akod_ray.models.unet import UNet
+from akod_ray.reporting.grids import save_grid
 from akod_ray.training.ema import EMA
 from akod_ray.training.step import ReferenceProtocol, StepOptions, check_finite, lr_at, make_optimizer, schedule_loss, train_step
 
@@ -99,7 +100,8 @@ def offline_fid(cfg: Config, model: torch.nn.Module, process: DiffusionProcess, 
     run never fails for want of an evaluation network; the record then simply lacks fid_c10.
     """
     from akod_ray.errors import AkodError
-    from akod_ray.evaluation.fid import c10_activations, default_c10_reference, frechet_distance, statistics
+    from akod_ray.evaluation.fid import (c10_activations, c10_implementation, default_c10_reference, frechet_distance,
+                                         statistics)
 
     try:
         ref = default_c10_reference()
@@ -110,7 +112,7 @@ def offline_fid(cfg: Config, model: torch.nn.Module, process: DiffusionProcess, 
     images = sample(model, process, n, g, cfg.eval.sampler, cfg.eval.ddim_steps, cfg.eval.ddim_eta, env.device,
                     bf16=cfg.train.bf16)
     acts = env.gather(torch.from_numpy(c10_activations(images.float(), device=env.device)).to(env.device)).cpu().numpy()
-    value = frechet_distance(statistics(acts, "samples"), ref)
+    value = frechet_distance(statistics(acts, "samples", c10_implementation()), ref)  # same feature space as ref
     return {"fid_c10": value, "fid_c10_n": int(acts.shape[0])}
 
 
@@ -161,14 +163,9 @@ class MetricsLog:
         self.tb.close()
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    save_image((images + 1) / 2, tmp, nrow=nrow)
-    tmp.replace(path)
-    return path
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one worker's t and noise draws at one step: distinct for every (seed, rank, step)."""
+    return (((seed * 1_000_003 + rank) << 32) + step) % 2**63
 
 
 def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path, schedules: ScheduleSource) -> dict:
@@ -200,6 +197,8 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint at step {state.get('step')} does not fit this run: {e}") from None
         step, wall_offset = int(state["step"]), float(state["wall_s"])
+        if env.rank == 0:
+            print(f"[akod] resumed from the checkpoint at step {step}", flush=True)
 
     # 2. The reference protocol on this worker's share of the held-out images.
     share = data.val.shape[0] // env.world_size
@@ -209,7 +208,7 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
     log = MetricsLog(run_dir, step) if env.rank == 0 else None
     eval_model = None
     timers = Timers()
-    gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + env.rank * 7919 + step)
+    gen = torch.Generator(device=device)  # re-seeded at every step, see below
     images_per_step = tc.batch_size
     t0 = time.perf_counter()
     last_log_t, last_log_step = t0, step
@@ -238,6 +237,9 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tc.lr, tc.warmup_steps)
             with timers.measure("train"):
+                # t and noise depend only on (seed, rank, step), so a resumed run draws exactly
+                # what the uninterrupted run would have drawn (the generator is not checkpointed)
+                gen.manual_seed(step_seed(tc.seed, env.rank, step))
                 micro = stream.next(device, channels_last)
                 metrics = train_step(model, process, micro, optimizer, opts, gen)
                 loss = metrics["loss"].item()

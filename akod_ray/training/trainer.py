@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from akod_ray.config import Config, config_to_dict, save_config
 from akod_ray.data.parquet import resolve_data_dir
-from akod_ray.errors import AkodError
+from akod_ray.errors import AkodError, DataError
 from akod_ray.training.schedule_source import fixed_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,7 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env=runtime_env if address != "auto" else None)
         return
     ray.init(
+        address="local",  # a new local Ray: never join another one that `ray start` left on this machine
         num_cpus=cfg.run.num_cpus,
         include_dashboard=cfg.run.dashboard,
         dashboard_host="127.0.0.1",
@@ -44,7 +45,28 @@ def ensure_ray(cfg: Config) -> None:
 def data_dir_for(cfg: Config, flag: str | None) -> str | None:
     if cfg.data.source != "cifar10":
         return None
-    return str(resolve_data_dir(flag, cfg.data.data_dir).resolve())
+    folder = resolve_data_dir(flag, cfg.data.data_dir).resolve()
+    check_parquet_files(folder)
+    return str(folder)
+
+
+def check_parquet_files(folder: Path) -> None:
+    """Fail here, before Ray starts, on a missing or unreadable split: the workers would fail on it
+    too, but only after Ray and the worker group are up, and with their tracebacks in the logs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for split in ("train", "test"):
+        path = folder / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"data file {str(path)!r} does not exist")
+        try:
+            columns = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"data file {str(path)!r} is not a readable Parquet file: {e}") from None
+        missing = {"image", "label"} - set(columns)
+        if missing:
+            raise DataError(f"data file {str(path)!r} lacks column(s) {sorted(missing)}")
 
 
 def unwrap_worker_error(err: BaseException) -> BaseException:
@@ -97,6 +119,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def last_record(records: list[dict]) -> dict:
+    """The last step's metrics: its interval record merged with the FID record of the same step, if any."""
+    if not records:
+        return {}
+    step = records[-1].get("step")
+    out: dict = {}
+    for r in records:
+        if r.get("step") == step:
+            out.update(r)
+    return out
+
+
 def fit(trainer: TorchTrainer):
     try:
         result = trainer.fit()
@@ -122,5 +156,4 @@ def train(cfg: Config, data_dir_flag: str | None = None, run_id: str | None = No
     save_config(cfg, run_dir)
     ensure_ray(cfg)
     fit(build_trainer(cfg, loop_config_for(cfg, data_dir, run_dir), callbacks))
-    records = read_metrics(run_dir)
-    return records[-1] if records else {}
+    return last_record(read_metrics(run_dir))

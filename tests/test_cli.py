@@ -1,0 +1,173 @@
+"""`akod` command line: bad input gives exit status 2 and one clear line; dry-run; sampling.
+
+No Ray here: every error below must be raised before Ray starts (the tests that could reach
+Ray replace ``ensure_ray`` with a tripwire), and the sampled checkpoint is trained with the
+Ray-free loop (LocalEnv) on procedural images.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from akod_ray.cli import main
+from akod_ray.config import config_from_dict, load_config
+from ray_helpers import REPO, TUNE_CONFIGS, akod_cmd, akod_env, assert_one_clear_error
+
+TINY = str(TUNE_CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the command gets as far as starting Ray."""
+    import akod_ray.training.trainer as trainer
+
+    def tripwire(cfg):
+        raise AssertionError("the error was not raised before Ray started")
+
+    monkeypatch.setattr(trainer, "ensure_ray", tripwire)
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_exit_2(rc: int, err: str, pattern: str) -> None:
+    assert rc == 2, err
+    assert_one_clear_error(err, "akod: error: " + pattern)
+    assert len(err.strip().splitlines()) == 1, err
+
+
+BAD_OVERRIDES = [
+    ("diffusion.schedule=foo", r"diffusion\.schedule must be one of \('linear', 'cosine', 'akod', 'file'\), got 'foo'"),
+    ("model.channels=[0,8,16,16]", r"model\.channels must all be positive, got \(0, 8, 16, 16\)"),
+    ("model.bottleneck_channels=-8", r"model\.bottleneck_channels must be a positive multiple of 8, got -8"),
+    ("dko.kernel_size=4", r"dko\.kernel_size must be odd and >= 3, got 4"),
+    ("train.no_such_field=1", r"unknown config key 'train\.no_such_field'; allowed: \[.*'steps'.*\]"),
+    ("nosection.steps=1", r"unknown config key 'nosection\.steps': no section 'nosection'; allowed: \[.*\]"),
+    ("train.steps=abc", r"train\.steps must be an integer, got 'abc'"),
+    ("train.lr=fast", r"train\.lr must be a number, got 'fast'"),
+    ("run.dashboard=maybe", r"run\.dashboard must be true or false, got 'maybe'"),
+]
+
+
+@pytest.mark.parametrize("override, pattern", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_bad_config_values_exit_2_with_one_line_naming_the_field(capsys, no_ray, tmp_path, override, pattern):
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", override])
+    assert_exit_2(rc, err, pattern)
+    assert not (tmp_path / "tiny").exists()  # nothing was written
+
+
+def test_a_missing_data_folder_exits_2_naming_it(capsys, no_ray, tmp_path):
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--data-dir", "/nonexistent"])
+    assert_exit_2(rc, err, r"data folder '/nonexistent' \(from --data-dir\) has no train\.parquet")
+
+
+def test_a_corrupt_parquet_file_exits_2_naming_it(capsys, no_ray, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.parquet").write_bytes(b"PAR1 this is not a parquet file" * 100)
+    (data / "test.parquet").write_bytes(b"garbage")
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--data-dir", str(data)])
+    assert_exit_2(rc, err, rf"data file '{data}/train\.parquet' is not a readable Parquet file: .*")
+
+
+def test_a_missing_test_split_exits_2_naming_it(capsys, no_ray, tmp_path, cifar_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.parquet").symlink_to(cifar_dir / "train.parquet")
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--data-dir", str(data)])
+    assert_exit_2(rc, err, rf"data file '{data}/test\.parquet' does not exist")
+
+
+def test_the_real_process_exits_2_with_one_line_and_no_traceback(tmp_path):
+    proc = subprocess.run(akod_cmd("train", TINY, "--set", "diffusion.schedule=foo", "--set", f"run.root={tmp_path}"),
+                          capture_output=True, text=True, env=akod_env(), cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "akod: error: diffusion.schedule must be one of ('linear', 'cosine', 'akod', 'file'), got 'foo'"]
+
+
+def test_dry_run_prints_yaml_that_reloads_to_the_same_config(capsys, no_ray):
+    sets = ["--set", "train.steps=7", "--set", "model.channels=[8,8,16,16]", "--set", "diffusion.schedule=linear"]
+    rc, out, err = run_main(capsys, ["train", TINY, "--dry-run", *sets])
+    assert rc == 0 and err == ""
+    reloaded = config_from_dict(yaml.safe_load(out))
+    expected = load_config(TINY, [s for s in sets if s != "--set"])
+    assert reloaded == expected
+    assert reloaded.train.steps == 7 and reloaded.model.channels == (8, 8, 16, 16)
+    assert reloaded != load_config(TINY)
+
+
+# ----------------------------------------------------------------- akod sample
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A run folder with two checkpoints of a width-8 U-Net, trained 4 steps by the Ray-free loop."""
+    import torch
+
+    from test_train_local import tiny_config, train_local
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_config(tmp_path_factory.mktemp("runs"), "sample", steps=4, ckpt_every=2)
+        train_local(cfg)
+    finally:
+        torch.set_num_threads(before)
+    return cfg.run_dir
+
+
+def test_sample_writes_a_png_grid_of_the_right_size(capsys, local_run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    rc, stdout, err = run_main(capsys, ["sample", str(local_run / "checkpoint_00000004"), "--out", str(out),
+                                        "--n", "9", "--steps", "3"])
+    assert rc == 0, err
+    assert f"wrote 9 samples (ddim) to {out}" in stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (3 * 34 + 2, 3 * 34 + 2)  # 3 x 3 images of 32 px, 2 px padding
+        assert im.getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
+def test_sample_takes_the_latest_checkpoint_of_a_run_folder(capsys, local_run, tmp_path):
+    out = tmp_path / "grid.png"
+    rc, stdout, err = run_main(capsys, ["sample", str(local_run), "--out", str(out), "--n", "4", "--steps", "2"])
+    assert rc == 0, err
+    assert out.is_file()
+
+
+def test_sample_from_a_truncated_checkpoint_exits_2_naming_the_file(tmp_path, local_run):
+    import shutil
+
+    ckpt = tmp_path / "checkpoint_00000004"
+    shutil.copytree(local_run / "checkpoint_00000004", ckpt)
+    state = ckpt / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    proc = subprocess.run(akod_cmd("sample", ckpt, "--out", tmp_path / "x.png", "--n", "4"),
+                          capture_output=True, text=True, env=akod_env(), cwd=REPO, timeout=180)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_clear_error(proc.stderr, rf"akod: error: checkpoint file '{state}' is corrupt or truncated: .*")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_from_a_folder_without_checkpoints_exits_2(capsys, tmp_path):
+    rc, out, err = run_main(capsys, ["sample", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert_exit_2(rc, err, rf"no checkpoint_XXXXXXXX folder with a state\.pt under '{tmp_path}'")
+
+
+def test_sample_with_a_bad_flag_value_exits_2(capsys, local_run, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["sample", str(local_run), "--out", str(tmp_path / "x.png"), "--n", "0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "akod sample: error: argument --n: must be >= 1, got 0"
+    assert "Traceback" not in err
