@@ -12,17 +12,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from akod_ray.models.layers import zero_module
+from akod_ray.models.layers import Conv2d, zero_module
 
 
 class MSFI(nn.Module):
     def __init__(self, channels: int, ffn_mult: int = 2):
         super().__init__()
-        self.W1 = nn.Conv2d(channels, channels, 1, bias=False)
-        self.W2 = nn.Conv2d(channels, channels, 1, bias=False)
-        self.W3 = nn.Conv2d(channels, channels, 1, bias=False)
-        self.ffn_in = nn.Conv2d(channels, ffn_mult * channels, 1)
-        self.ffn_out = zero_module(nn.Conv2d(ffn_mult * channels, channels, 1))  # starts as the identity
+        self.W1 = Conv2d(channels, channels, 1, bias=False)
+        self.W2 = Conv2d(channels, channels, 1, bias=False)
+        self.W3 = Conv2d(channels, channels, 1, bias=False)
+        self.ffn_in = Conv2d(channels, ffn_mult * channels, 1)
+        self.ffn_out = zero_module(Conv2d(ffn_mult * channels, channels, 1))  # starts as the identity
 
     def forward(self, F_t: torch.Tensor, F_prev: torch.Tensor, F_next: torch.Tensor) -> torch.Tensor:
         mixed = self.W1(F_t) + self.W2(F_prev) + self.W3(F_next)

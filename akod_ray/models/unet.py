@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from akod_ray.config import ModelConfig
-from akod_ray.models.layers import AttentionBlock, Downsample, LogSNREmbedding, ResBlock, Upsample, group_norm, zero_module
+from akod_ray.models.layers import AttentionBlock, Conv2d, Downsample, LogSNREmbedding, ResBlock, Upsample, group_norm, zero_module
 from akod_ray.models.msfi import MSFI
 
 
@@ -52,7 +52,7 @@ class UNet(nn.Module):
         ch0 = cfg.channels[0]
         emb_dim = 4 * ch0
         self.embed = LogSNREmbedding(ch0, emb_dim)
-        self.conv_in = nn.Conv2d(in_channels, ch0, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch0, 3, padding=1)
 
         self.down_blocks = nn.ModuleList()
         self.down_attn = nn.ModuleList()
@@ -90,7 +90,7 @@ class UNet(nn.Module):
 
         self.out_norm = group_norm(ch)
         self.modulation = BetaModulation(ch) if cfg.beta_modulation else None
-        self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.conv_out = zero_module(Conv2d(ch, in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         emb = self.embed(cond[:, 0])
