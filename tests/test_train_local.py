@@ -130,3 +130,59 @@ def test_a_nan_loss_stops_the_local_loop_naming_the_step_and_keeps_the_last_chec
     state = load_state(last)
     assert state["step"] == bad_step - 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+class SegmentedSchedule:
+    """A schedule source that hands out the same schedule in segments of ``length`` steps, each
+    with a request id, and keeps the results the loop posts (what the AKOD broker source does)."""
+
+    def __init__(self, betas: torch.Tensor, length: int):
+        from akod_ray.diffusion.process import DiffusionProcess
+
+        self.process, self.length, self.posted = DiffusionProcess(betas), length, []
+
+    def next_segment(self, step, steps_left):
+        from akod_ray.training.loop import Segment
+
+        return Segment(self.process, min(self.length, steps_left), request_id=len(self.posted))
+
+    def finish_segment(self, segment, result):
+        self.posted.append(dict(result, request_id=segment.request_id))
+
+    def heartbeat(self, step):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_a_segment_end_on_a_log_step_evaluates_the_reference_loss_once(tmp_path, torch_single_thread, monkeypatch):
+    """The reward's reference loss is reused by the metrics record of the same step (it is the
+    same deterministic number); log steps inside a segment still evaluate their own."""
+    from akod_ray.training import step as step_module
+    from akod_ray.training.schedule_source import fixed_betas
+
+    calls = []
+    original = step_module.ReferenceProtocol.loss
+
+    def counted(self, model, bf16=False):
+        value = original(self, model, bf16)
+        calls.append(value)
+        return value
+
+    monkeypatch.setattr(step_module.ReferenceProtocol, "loss", counted)
+    cfg = tiny_config(tmp_path, "segments", 8, log_every=2)  # log steps 2, 4, 6, 8
+    source = SegmentedSchedule(fixed_betas(cfg), length=4)  # segment ends at 4 and 8
+    save_config(cfg, cfg.run_dir)
+    run_training(cfg, load_training_data(cfg, None), LocalEnv(cfg.run_dir, num_to_keep=10), cfg.run_dir, source)
+
+    assert [p["step"] for p in source.posted] == [4, 8]
+    records = {r["step"]: r for r in metrics(cfg.run_dir)}
+    assert sorted(records) == [2, 4, 6, 8]
+    assert len(calls) == 4  # steps 2 and 6 for the log, 4 and 8 for the reward (not again for the log)
+    for p in source.posted:
+        assert records[p["step"]]["ref_loss"] == p["ref_loss"]
+    assert "other_reward_s" in records[8] and "other_metrics_s" in records[8]

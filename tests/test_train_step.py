@@ -200,6 +200,24 @@ def test_reference_protocol_is_fixed_and_exact_for_known_models():
     assert ref.loss(Oracle()) < 1e-8
 
 
+@pytest.mark.parametrize("batch", [1, 3, 4, 64])
+def test_reference_protocol_value_does_not_depend_on_its_forward_batch(batch):
+    """train.val_batch only splits the forward passes (memory): the same images, noise and grid."""
+    ref_process = DiffusionProcess(uniform_logsnr_betas(1000, LMAX, LMIN))
+    x0 = images(7)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    class Conv(torch.nn.Module):
+        def forward(self, x, cond):
+            return model(x) * cond[:, :1, None, None].sigmoid()
+
+    whole = ReferenceProtocol(ref_process, x0, grid=5).loss(Conv())
+    split = ReferenceProtocol(ref_process, x0, grid=5, batch=batch).loss(Conv())
+    assert split == pytest.approx(whole, rel=1e-6)
+    assert whole > 0.1
+
+
 def test_reference_protocol_sets_eval_mode(small_model):
     ref = ReferenceProtocol(DiffusionProcess(uniform_logsnr_betas(100, LMAX, LMIN)), images(2), grid=3)
     small_model.train()

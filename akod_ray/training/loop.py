@@ -204,7 +204,7 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
     share = data.val.shape[0] // env.world_size
     val = data.val[env.rank * share:(env.rank + 1) * share]
     val_x0 = to_model_range(val).to(device)
-    ref = ReferenceProtocol(reference_process(cfg), val_x0, tc.ref_grid, seed=tc.seed + 1234)
+    ref = ReferenceProtocol(reference_process(cfg), val_x0, tc.ref_grid, seed=tc.seed + 1234, batch=tc.val_batch)
     log = MetricsLog(run_dir, step) if env.rank == 0 else None
     eval_model = None
     timers = Timers()
@@ -249,16 +249,19 @@ def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path,
             seg_left -= 1
             schedules.heartbeat(step)
 
+            seg_ref_loss = None  # the segment's reference loss, reused by a metrics record at the same step
             if seg_left == 0 and segment.request_id is not None:
                 with timers.measure("reward"):
-                    result = {"ref_loss": env.all_reduce_mean(ref.loss(model, tc.bf16)), "step": step, "wall_s": wall()}
+                    seg_ref_loss = env.all_reduce_mean(ref.loss(model, tc.bf16))
+                    result = {"ref_loss": seg_ref_loss, "step": step, "wall_s": wall()}
                     if cfg.rl.reward == "paper":
                         result["paper_loss"] = env.all_reduce_mean(schedule_loss(model, process, val_x0, bf16=tc.bf16))
                     schedules.finish_segment(segment, result)
 
             if step % tc.log_every == 0 or step == tc.steps:
                 with timers.measure("metrics"):
-                    ref_loss = env.all_reduce_mean(ref.loss(model, tc.bf16))
+                    # the same model at the same step gives the same (deterministic) reference loss
+                    ref_loss = seg_ref_loss if seg_ref_loss is not None else env.all_reduce_mean(ref.loss(model, tc.bf16))
                     now = time.perf_counter()
                     record = {
                         "step": step, "wall_s": wall(), "loss": env.all_reduce_mean(loss), "ref_loss": ref_loss,

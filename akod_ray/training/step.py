@@ -91,9 +91,11 @@ class ReferenceProtocol:
     schedule cannot change any of this, so it cannot make the metric easier.
     """
 
-    def __init__(self, process: DiffusionProcess, x0: torch.Tensor, grid: int, seed: int = 1234):
+    def __init__(self, process: DiffusionProcess, x0: torch.Tensor, grid: int, seed: int = 1234,
+                 batch: int | None = None):
         self.process = process
         self.x0 = x0
+        self.batch = batch or x0.shape[0]  # images per forward pass (train.val_batch); the value does not depend on it
         self.t_grid = torch.linspace(0, process.T - 1, grid).round().long()
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn((grid, *x0.shape), generator=g).to(x0.device, x0.dtype)
@@ -101,13 +103,15 @@ class ReferenceProtocol:
     @torch.no_grad()
     def loss(self, model: nn.Module, bf16: bool = False) -> float:
         model.eval()
-        b = self.x0.shape[0]
+        n = self.x0.shape[0]
         total = 0.0
         for j, t in enumerate(self.t_grid.tolist()):
-            tt = torch.full((b,), t, dtype=torch.long, device=self.x0.device)
-            with autocast(self.x0.device, bf16):
-                total += self.process.training_loss(model, self.x0, tt, self.noise[j]).mean().item()
-        return total / len(self.t_grid)
+            for i in range(0, n, self.batch):
+                x0, noise = self.x0[i:i + self.batch], self.noise[j, i:i + self.batch]
+                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+                with autocast(x0.device, bf16):
+                    total += self.process.training_loss(model, x0, tt, noise).sum().item()
+        return total / (len(self.t_grid) * n)
 
 
 @torch.no_grad()
