@@ -81,13 +81,30 @@ def meta_record(**extra) -> dict:
     return {"command": command_line(), "date": today(), "machine": machine(), **extra}
 
 
+def write_figures(name: str, results: dict, details: dict, load_start: list[float], write: bool = True) -> None:
+    """The end of every benchmark script: print the load average, merge ``results`` (with their
+    ``_meta``) and ``details`` (under ``_details_<name>``) into results.json, print the command."""
+    load_end = loadavg()
+    print(f"[bench] load average: start {load_start}, end {load_end}", flush=True)
+    if write and results:
+        merge_results(results, meta_record(loadavg=load_end, loadavg_start=load_start))
+        merge_results({f"_details_{name}": details})
+    print(f"[bench] command: {command_line()}", flush=True)
+
+
 def median(xs):
     return statistics.median(xs)
 
 
-def interleaved(fns: dict, warmup: int, reps: int, log=print) -> dict[str, list[float]]:
-    """Run every callable ``warmup`` times (interleaved), then ``reps`` timed rounds A B C A B C ...;
-    returns the seconds of each call per name. Each callable must finish its own work (no async)."""
+def paired_ratios(num: list[float], den: list[float]) -> list[float]:
+    """num[i] / den[i]: the two were timed next to each other in round i (same load)."""
+    return [a / b for a, b in zip(num, den)]
+
+
+def interleaved(fns: dict, warmup: int, reps: int, log=print, between=None) -> dict[str, list[float]]:
+    """Run every callable ``warmup`` times (interleaved), then ``reps`` timed rounds A B C, C B A, ...;
+    returns the seconds of each call per name. Each callable must finish its own work (no async).
+    ``between`` (optional) runs after every timed round, outside the timings."""
     names = list(fns)
     for i in range(warmup):
         for n in names:
@@ -102,4 +119,6 @@ def interleaved(fns: dict, warmup: int, reps: int, log=print) -> dict[str, list[
             fns[n]()
             times[n].append(time.perf_counter() - t)
             log(f"  rep {i + 1}/{reps} {n}: {times[n][-1]:.3f}s load {loadavg()[0]}")
+        if between is not None:
+            between()
     return times

@@ -1,16 +1,18 @@
 """Ray Train overhead on this CPU and the data path's headroom (issue "Ray Train").
 
-    .venv/bin/python bench/ray_train.py [--steps 120] [--rounds 2] [--no-2w] [--no-loader] [--no-write]
+    .venv/bin/python bench/ray_train.py [--steps 100] [--rounds 2] [--no-2w] [--no-loader] [--no-write]
 
 1. The same training loop (akod_ray.training.loop.run_training), the same config, three ways,
    interleaved round by round (plain, ray-1w, ray-2w, then the reverse order, ...):
-     plain   in this process: LocalEnv, torch.set_num_threads(2), no Ray in the loop
-     ray-1w  akod_ray.training.trainer.train: Ray Train, 1 worker with 2 CPUs (2 torch threads)
-     ray-2w  Ray Train, 2 DDP workers (gloo) with 1 CPU each
+     plain   a fresh Python process without Ray (no Ray running either): run_training with
+             LocalEnv and torch.set_num_threads(2)
+     ray-1w  akod_ray.training.trainer.train: Ray Train, 1 worker with 2 CPUs (2 torch threads),
+             on a local Ray started for the run (ray.init(num_cpus=2), shut down after it)
+     ray-2w  the same with 2 DDP workers (gloo) with 1 CPU each
    Steady-state images/s of a run: the median of its metrics.jsonl ``img_per_s`` records after
    the first interval (``log_every`` steps each; the reference-loss evaluation at each log step
-   is outside the intervals). Config: channels (64,64,128,128), bottleneck 128, 2 res blocks,
-   attention at 16, batch 64, bf16 autocast + channels_last, linear schedule, CIFAR-10 subset;
+   is outside the intervals). Config: channels (32,64,64,128), bottleneck 128, 1 res block,
+   attention at 8, batch 32, bf16 autocast + channels_last, linear schedule, CIFAR-10 subset;
    checkpoints and sample grids only at the end.
 2. The data path: BatchStream.next on CIFAR-10 training images held in memory (uint8), batch 64,
    to float [-1, 1] with random flips, channels_last, against the images/s that the paper-width
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, command_line, loadavg, median, merge_results, meta_record  # noqa: E402
+from common import RESULTS, ROOT, loadavg, median, write_figures  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -45,10 +46,10 @@ def bench_config(root: Path, name: str, steps: int, workers: int, cpus: int, log
     sets = [
         f"run.name={name}", f"run.root={root}", "run.num_cpus=2", "run.dashboard=false",
         "diffusion.schedule=linear",
-        "model.channels=[64,64,128,128]", "model.bottleneck_channels=128", "model.num_res_blocks=2",
-        "model.attention_resolutions=[16]",
+        "model.channels=[32,64,64,128]", "model.bottleneck_channels=128", "model.num_res_blocks=1",
+        "model.attention_resolutions=[8]",
         f"data.source={source}", "data.train_subset=4096", "data.val_size=64",
-        f"train.steps={steps}", "train.batch_size=64", "train.warmup_steps=10", "train.bf16=true",
+        f"train.steps={steps}", "train.batch_size=32", "train.warmup_steps=10", "train.bf16=true",
         "train.channels_last=true", f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}",
         f"train.log_every={log_every}", f"train.ckpt_every={steps}", f"train.sample_every={steps}",
         "train.ref_grid=2", "eval.fid_samples=2", "eval.ddim_steps=1", "eval.grid_size=1",
@@ -68,27 +69,44 @@ def steady_img_per_s(run_dir: Path) -> tuple[float, list[float]]:
     return median(steady), vals
 
 
-def run_plain(cfg) -> float:
-    from akod_ray.config import save_config
+def plain_run(config_path: str) -> None:
+    """The plain-PyTorch run, in its own process (``--plain-run``): no Ray imported or running."""
+    from akod_ray.config import load_config
     from akod_ray.data.sources import load_training_data
     from akod_ray.training.local import LocalEnv
     from akod_ray.training.loop import FixedSchedule, run_training
     from akod_ray.training.schedule_source import fixed_betas
 
     torch.set_num_threads(2)
-    run_dir = cfg.run_dir
-    save_config(cfg, run_dir)
-    data = load_training_data(cfg, str(DATA_DIR) if cfg.data.source == "cifar10" else None)
+    cfg = load_config(config_path)
+    data = load_training_data(cfg, cfg.data.data_dir)
+    run_training(cfg, data, LocalEnv(cfg.run_dir), cfg.run_dir, FixedSchedule(fixed_betas(cfg)))
+    assert "ray" not in sys.modules, "the plain run must not import Ray"
+
+
+def run_plain(cfg) -> float:
+    import subprocess
+
+    from akod_ray.config import save_config
+
+    path = save_config(cfg, cfg.run_dir)
     t = time.perf_counter()
-    run_training(cfg, data, LocalEnv(run_dir), run_dir, FixedSchedule(fixed_betas(cfg)))
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--plain-run", str(path)], check=True, cwd=ROOT)
     return time.perf_counter() - t
 
 
 def run_ray(cfg) -> float:
+    import ray
+
     from akod_ray.training.trainer import train
 
     t = time.perf_counter()
-    train(cfg)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        train(cfg)
+    finally:
+        ray.shutdown()
     return time.perf_counter() - t
 
 
@@ -116,7 +134,7 @@ def loader_img_per_s(batch: int = 64, seconds: float = 3.0, count: int | None = 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=120, help="steps of each run (log_every 20: 5 steady intervals)")
+    p.add_argument("--steps", type=int, default=100, help="steps of each run (log_every 20: 4 steady intervals)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (plain, ray-1w, ray-2w)")
     p.add_argument("--no-2w", action="store_true", help="leave out the 2-worker runs")
@@ -125,18 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-images", type=int, default=None, help="CIFAR-10 training images held (default: all 50,000)")
     p.add_argument("--keep", action="store_true", help="keep the run folders")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--plain-run", metavar="CONFIG", help=argparse.SUPPRESS)  # internal: the plain run's process
     args = p.parse_args(argv)
+    if args.plain_run:
+        plain_run(args.plain_run)
+        return 0
     source = "cifar10" if (DATA_DIR / "train.parquet").is_file() else "procedural"
     results, details = {}, {"source": source, "steps": args.steps, "log_every": args.log_every, "rounds": args.rounds}
     load_start = loadavg()
     print(f"[bench] load {load_start}", flush=True)
 
     if not args.no_ray:
-        import ray
-
         root = Path(tempfile.mkdtemp(prefix="akod_bench_ray_"))
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         variants = {"plain": (1, 2, run_plain), "ray_1w": (1, 2, run_ray)}
         if not args.no_2w:
             variants["ray_2w"] = (2, 1, run_ray)
@@ -159,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[bench] round {r + 1} {v}: steady {rate:.1f} img/s (intervals {[round(x, 1) for x in vals]}), "
                           f"run wall {wall:.1f}s, load {loadavg()}", flush=True)
         finally:
-            ray.shutdown()
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
         med = {v: median(x) for v, x in rates.items()}
@@ -194,13 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ray_train_plain_img_per_s" in results:
             details["loader_headroom_vs_midsize_plain"] = round(loader["img_per_s"] / results["ray_train_plain_img_per_s"], 1)
 
-    load_end = loadavg()
-    details.update({"loadavg_start": load_start, "loadavg_end": load_end})
-    print(f"[bench] load average: start {load_start}, end {load_end}", flush=True)
-    if not args.no_write and results:
-        merge_results(results, meta_record(loadavg=load_end, loadavg_start=load_start))
-        merge_results({"_details_ray_train": details})
-    print(f"[bench] command: {command_line()}", flush=True)
+    details.update({"loadavg_start": load_start, "loadavg_end": loadavg()})
+    write_figures("ray_train", results, details, load_start, not args.no_write)
     return 0
 
 

@@ -1,30 +1,36 @@
 """Training-step throughput of the paper-width U-Net on this CPU (issue "foundation").
 
-    .venv/bin/python bench/train_step.py [--batch 64] [--warmup 3] [--reps 5] [--threads 2]
-                                         [--compile] [--no-write]
+    .venv/bin/python bench/train_step.py [--batch 64] [--warmup 3] [--reps 5] [--msfi-reps 6]
+                                         [--threads 2] [--compile] [--no-write]
 
-Variants, built side by side and timed interleaved (A B C D, D C B A, ...), medians:
+Variants, built side by side and timed interleaved (A B C, C B A, ...):
 
   naive            fp32, contiguous NCHW, eager, AdamW(foreach=False)      -- the baseline
   bf16_cl          bf16 autocast + channels_last + fused AdamW (make_optimizer), eager
   bf16_cl_compile  the same, the U-Net wrapped in torch.compile (inductor, CPU); only with
                    --compile: it compiles in 2-5 minutes here and was no faster than eager
                    (BENCHMARKS.md)
-  *_nomsfi         the fastest mode on the same U-Net with msfi=False (beta_modulation unchanged)
+  *_nomsfi         the fastest mode on the same U-Net with msfi=False (beta_modulation unchanged);
+                   --msfi-reps more rounds of this pair alone
 
 Every variant runs the project's own ``train_step`` (t and noise draws, loss, backward, grad
 clipping, optimizer step) on the same real CIFAR-10 batch (procedural images when the data
 folder is missing), model config ``ModelConfig()`` (the paper's width, 67,151,043 parameters).
 
+The box is shared with other jobs, so ratios are medians over rounds of the per-round ratio
+(the two variants of a round ran back to back under the same load); the ratios of the medians
+are kept in ``_details_train_step`` too.
+
 Figures merged into bench/results.json:
-  cpu_train_speedup_vs_naive_fp32   images/s of the fastest mode / images/s of naive
-  cpu_train_img_per_s               images/s of the fastest mode (read by ray_train.py)
+  cpu_train_speedup_vs_naive_fp32   step time of naive / step time of the fastest mode
+  cpu_train_img_per_s               images/s of the fastest mode (median step; read by ray_train.py)
   cpu_train_naive_img_per_s
   cpu_train_gflops                  FLOPs of one training step (FlopCounterMode, forward +
                                     backward) / median step time of the fastest mode
-  cpu_bf16_matmul_peak_gflops       best of several 4096^3 bf16 torch.matmul, same run
+  cpu_bf16_matmul_peak_gflops       best of many 4096^3 bf16 torch.matmul tries spread over the run
   cpu_train_gflops_over_bf16_peak
   msfi_step_time_ratio              step time with MSFI / without, fastest mode
+  msfi_step_flop_ratio              FLOPs of a training step with MSFI / without (FlopCounterMode)
   unet_paper_params
 """
 
@@ -39,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, interleaved, loadavg, median, merge_results, meta_record  # noqa: E402
+from common import ROOT, interleaved, loadavg, median, paired_ratios, write_figures  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -105,23 +111,13 @@ def count_step_flops(cfg: ModelConfig, process: DiffusionProcess, batch: int, co
     return counter.get_total_flops() * batch / count_batch
 
 
-def bf16_matmul_peak(n: int = 4096, tries: int = 6) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(tries):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed rounds of every variant")
+    p.add_argument("--msfi-reps", type=int, default=6,
+                   help="extra timed rounds of the MSFI pair only (its difference is a few percent: more pairs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true",
                    help="add the torch.compile variant (inductor; a few minutes of compilation on 2 cores)")
@@ -143,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 "bf16_cl": make_variant(cfg, x, process, fast=True, compile_=False)}
     if args.compile:
         variants["bf16_cl_compile"] = make_variant(cfg, x, process, fast=True, compile_=True)
+    nomsfi = fast_mode + "_nomsfi"
     if not args.no_msfi_ratio:
         cfg_off = dataclasses.replace(cfg, msfi=False)
-        variants[fast_mode + "_nomsfi"] = make_variant(cfg_off, x, process, fast=True, compile_=args.compile)
+        variants[nomsfi] = make_variant(cfg_off, x, process, fast=True, compile_=args.compile)
 
     # Compile outside the timing: one step of each compiled variant first.
     compile_s = {}
@@ -156,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
             compile_s[name] = time.perf_counter() - t
             print(f"[bench] {name}: first step (compilation) {compile_s[name]:.1f}s", flush=True)
 
-    cpu0 = {}
     cpu_times: dict[str, list[float]] = {n: [] for n in variants}
 
     def timed(name, fn):
@@ -166,12 +162,35 @@ def main(argv: list[str] | None = None) -> int:
             cpu_times[name].append(time.process_time() - c)
         return run
 
+    # The bf16 matmul peak: a few tries after every round, so the best of them sees the calmest
+    # moment of the run (a single burst at one moment is at the mercy of the box's other jobs).
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    b = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    torch.matmul(a, b)
+    peaks: list[float] = []
+
+    def peak_tries(n: int = 3):
+        for _ in range(n):
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            peaks.append(2 * 4096**3 / (time.perf_counter() - t) / 1e9)
+
     loads = []
-    times = interleaved({n: timed(n, f) for n, f in variants.items()}, args.warmup, args.reps,
-                        log=lambda s: (loads.append(os.getloadavg()[0]), print(s, flush=True)))
+
+    def log(s):
+        loads.append(os.getloadavg()[0])
+        print(s, flush=True)
+
+    times = interleaved({n: timed(n, f) for n, f in variants.items()}, args.warmup, args.reps, log=log, between=peak_tries)
     for n in cpu_times:
         cpu_times[n] = cpu_times[n][args.warmup:]
-    del cpu0
+    if nomsfi in variants and args.msfi_reps > 0:
+        print(f"[bench] {args.msfi_reps} more rounds of {fast_mode} / {nomsfi}", flush=True)
+        extra = interleaved({fast_mode: timed(fast_mode, variants[fast_mode]), nomsfi: timed(nomsfi, variants[nomsfi])},
+                            0, args.msfi_reps, log=log, between=peak_tries)
+    else:
+        extra = {}
+    peak_tries(6)
 
     med = {n: median(v) for n, v in times.items()}
     cpu_med = {n: median(v) for n, v in cpu_times.items()}
@@ -179,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     fastest = min(fast_candidates, key=med.get)
     img_s = {n: args.batch / med[n] for n in med}
 
-    peaks = [bf16_matmul_peak() for _ in range(2)]
     peak = max(peaks)
     flops = count_step_flops(cfg, process, args.batch)
     gflops = flops / med[fastest] / 1e9
@@ -188,48 +206,60 @@ def main(argv: list[str] | None = None) -> int:
     for n in med:
         print(f"[bench] {n:24s} median {med[n]:.2f}s/step ({img_s[n]:.2f} img/s), cpu {cpu_med[n]:.2f}s, "
               f"all {['%.2f' % v for v in times[n]]}", flush=True)
-    speedup = med["naive"] / med[fastest]
+    # Estimators: ratios of the medians, and medians of the per-round ratios (the two variants of
+    # a round ran next to each other, so a load change in the middle of the run cancels).
+    speedup_paired = median(paired_ratios(times["naive"], times[fastest]))
+    speedup_medians = med["naive"] / med[fastest]
     results = {
         "unet_paper_params": params,
-        "cpu_train_speedup_vs_naive_fp32": round(speedup, 3),
+        "cpu_train_speedup_vs_naive_fp32": round(speedup_paired, 3),
         "cpu_train_img_per_s": round(img_s[fastest], 3),
         "cpu_train_naive_img_per_s": round(img_s["naive"], 3),
         "cpu_train_gflops": round(gflops, 1),
         "cpu_bf16_matmul_peak_gflops": round(peak, 1),
         "cpu_train_gflops_over_bf16_peak": round(gflops / peak, 3),
     }
-    msfi_key = fastest + "_nomsfi"
-    if msfi_key not in med and not args.no_msfi_ratio:
-        msfi_key = fast_mode + "_nomsfi"  # the msfi=False twin of the mode named on the command line
-        with_msfi = fast_mode
-    else:
-        with_msfi = fastest
-    if msfi_key in med:
-        results["msfi_step_time_ratio"] = round(med[with_msfi] / med[msfi_key], 3)
     details = {
         "batch": args.batch, "threads": args.threads, "warmup": args.warmup, "reps": args.reps, "data": source,
-        "fastest_mode": fastest, "msfi_ratio_mode": with_msfi if msfi_key in med else None,
+        "fastest_mode": fastest,
+        "estimator": "median over rounds of the per-round ratio (variants interleaved, adjacent in time)",
+        "speedup_ratio_of_medians": round(speedup_medians, 3),
+        "speedup_per_round": [round(v, 3) for v in paired_ratios(times["naive"], times[fastest])],
         "step_s_median": {n: round(v, 3) for n, v in med.items()},
         "step_s_all": {n: [round(v, 3) for v in times[n]] for n in times},
         "cpu_s_median": {n: round(v, 3) for n, v in cpu_med.items()},
         "cpu_time_speedup_vs_naive": round(cpu_med["naive"] / cpu_med[fastest], 3),
         "compile_first_step_s": {n: round(v, 1) for n, v in compile_s.items()},
-        "step_gflop": round(flops / 1e9, 1), "bf16_matmul_peaks": [round(v, 1) for v in peaks],
+        "step_gflop": round(flops / 1e9, 1),
+        "gflops_best_step": round(flops / min(times[fastest]) / 1e9, 1),
+        "bf16_matmul_peak_tries": len(peaks),
+        "bf16_matmul_peak_median_of_tries": round(median(peaks), 1),
         "loadavg_start": load_start, "loadavg_end": load_end,
         "loadavg_1min_during": [round(min(loads), 2), round(median(loads), 2), round(max(loads), 2)],
         "torch": torch.__version__,
     }
-    print(f"[bench] fastest mode {fastest}: speedup {speedup:.2f}x over naive fp32 (target >= 2.2); "
-          f"{gflops:.0f} GFLOP/s = {gflops / peak:.2f} of the bf16 matmul peak {peak:.0f} GFLOP/s (target >= 0.45)", flush=True)
+    if nomsfi in times:
+        with_msfi = times[fast_mode] + extra.get(fast_mode, [])
+        without = times[nomsfi] + extra.get(nomsfi, [])
+        per_round = paired_ratios(with_msfi, without)
+        results["msfi_step_time_ratio"] = round(median(per_round), 3)
+        # The same ratio in counted FLOPs: deterministic, so it shows what the timing noise hides.
+        results["msfi_step_flop_ratio"] = round(flops / count_step_flops(dataclasses.replace(cfg, msfi=False), process,
+                                                                         args.batch), 4)
+        details.update({
+            "msfi_ratio_mode": fast_mode, "msfi_rounds": len(per_round),
+            "msfi_ratio_per_round": [round(v, 3) for v in per_round],
+            "msfi_ratio_of_medians": round(median(with_msfi) / median(without), 3),
+            "msfi_step_s_all": {fast_mode: [round(v, 3) for v in with_msfi], nomsfi: [round(v, 3) for v in without]},
+        })
+    print(f"[bench] fastest mode {fastest}: speedup {speedup_paired:.2f}x over naive fp32 (median of per-round ratios; "
+          f"ratio of medians {speedup_medians:.2f}; target >= 2.2); {gflops:.0f} GFLOP/s = {gflops / peak:.2f} of the "
+          f"bf16 matmul peak {peak:.0f} GFLOP/s (best of {len(peaks)}; target >= 0.45)", flush=True)
     if "msfi_step_time_ratio" in results:
-        print(f"[bench] msfi step-time ratio {results['msfi_step_time_ratio']:.3f} (target <= 1.05)", flush=True)
-    print(f"[bench] load average: start {load_start}, end {load_end}", flush=True)
-    if not args.no_write:
-        merge_results(results, meta_record(loadavg=load_end, loadavg_start=load_start))
-        merge_results({"_details_train_step": details})
-    from common import command_line
-
-    print(f"[bench] command: {command_line()}", flush=True)
+        print(f"[bench] msfi step-time ratio {results['msfi_step_time_ratio']:.3f} (median of {details['msfi_rounds']} "
+              f"per-round ratios; ratio of medians {details['msfi_ratio_of_medians']:.3f}; target <= 1.05); "
+              f"FLOP ratio {results['msfi_step_flop_ratio']:.4f}", flush=True)
+    write_figures("train_step", results, details, load_start, not args.no_write)
     gc.collect()
     return 0
 
