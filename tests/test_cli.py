@@ -171,3 +171,42 @@ def test_sample_with_a_bad_flag_value_exits_2(capsys, local_run, tmp_path):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "akod sample: error: argument --n: must be >= 1, got 0"
     assert "Traceback" not in err
+
+
+@pytest.fixture
+def closed_port():
+    """A local TCP port that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_ray_init(monkeypatch):
+    import ray
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("ray.init was called: the address was not checked first")
+
+    monkeypatch.setattr(ray, "init", tripwire)
+
+
+def test_an_unreachable_ray_address_exits_2_naming_the_field(capsys, no_ray_init, tmp_path, closed_port):
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", "data.source=procedural",
+                                     "--set", f"run.ray_address=127.0.0.1:{closed_port}"])
+    assert_exit_2(rc, err, rf"run\.ray_address '127\.0\.0\.1:{closed_port}': no Ray head answers there \(.+\)")
+
+
+def test_an_unreachable_ray_address_from_the_environment_names_RAY_ADDRESS(capsys, no_ray_init, tmp_path, closed_port,
+                                                                           monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{closed_port}")
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", "data.source=procedural"])
+    assert_exit_2(rc, err, rf"RAY_ADDRESS 'ray://127\.0\.0\.1:{closed_port}': no Ray head answers there \(.+\)")
+
+
+def test_a_malformed_ray_address_exits_2_naming_the_field(capsys, no_ray_init, tmp_path):
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", "data.source=procedural",
+                                     "--set", "run.ray_address=headnode"])
+    assert_exit_2(rc, err, r"run\.ray_address must be 'auto', host:port or ray://host:port, got 'headnode'")

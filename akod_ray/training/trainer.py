@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import ray
@@ -16,10 +17,24 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from akod_ray.config import Config, config_to_dict, save_config
 from akod_ray.data.parquet import resolve_data_dir
-from akod_ray.errors import AkodError, DataError
+from akod_ray.errors import AkodError, ConfigError, DataError
 from akod_ray.training.schedule_source import fixed_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming ``field``, when nothing listens at a ``host:port`` (or ``ray://host:port``)
+    Ray address: ray.init itself retries an unreachable head for minutes before it gives up."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{field} must be 'auto', host:port or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"{field} {address!r}: no Ray head answers there ({e.strerror or e})") from None
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -29,6 +44,7 @@ def ensure_ray(cfg: Config) -> None:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}}
     if address:
+        check_ray_address(address, "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS")
         ray.init(address=address, runtime_env=runtime_env if address != "auto" else None)
         return
     ray.init(
