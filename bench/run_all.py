@@ -6,8 +6,10 @@
 2. bench/ray_train.py      Ray Train vs plain PyTorch, 2 workers vs 1, data-path headroom
                            (after train_step.py: the headroom divides by its images/s)
 3. bench/akod_overhead.py  where an AKOD run's wall-clock goes
-4. bench/fid_c10.py        the offline FID's classifier and its floor (another helper's script;
-                           run as it is, when present)
+4. bench/fid_c10.py        the offline FID's classifier accuracy and fid_c10's floor (test vs train)
+
+The smoke sweep (bench/smoke_sweep.py, the AKOD-vs-baselines table) is not part of it: run it
+on its own (BENCHMARKS.md).
 
 Each script merges its figures into bench/results.json and prints the command line that made
 them; BENCHMARKS.md lists them. A failing script is reported and the others still run; the
