@@ -130,7 +130,7 @@ class TrainConfig:
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts (-1 = forever)
     max_wall_s: float | None = None  # stop at the first log interval past this training wall-clock (a time budget)
-    val_batch: int = 64  # images per forward pass of the reference validation loss (per worker; memory, not the value)
+    val_batch: int = 64  # images per forward pass of the reference validation loss (per worker; memory, not the value up to rounding)
     ref_grid: int = 8  # log-SNR grid points of the reference protocol
     seed: int = 0
 
@@ -256,6 +256,9 @@ class Config:
         drop = k * (self.dko.logsnr_max - self.dko.logsnr_min) / (d.T - 1)
         _check(drop <= 6.9, "dko.num_knots", f"is too many for diffusion.T={d.T}: one segment could drop log-SNR by "
                f"{drop:.2f} per step (> ln 1000); use fewer knots or a larger T", k)
+        _check(self.data.val_size >= self.train.num_workers, "data.val_size",
+               f"must be >= train.num_workers={self.train.num_workers} (every worker evaluates its share of the "
+               "held-out images)", self.data.val_size)
         if d.schedule == "akod":
             _check(self.train.ckpt_every % self.rl.segment_steps == 0, "train.ckpt_every",
                    f"must be a multiple of rl.segment_steps={self.rl.segment_steps} for the akod schedule "

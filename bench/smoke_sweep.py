@@ -21,6 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
 
 
+def arm_timers(sweep_dir: Path, trial: str) -> dict:
+    """The trial run's own timers at its last metrics record: wall_s, train_s, other_<kind>_s
+    and the non-train share of its wall-clock (1 - train_s / wall_s)."""
+    runs = sorted((sweep_dir / "runs").glob(f"{trial}-*/metrics.jsonl"))
+    if not runs:
+        return {}
+    records = [json.loads(x) for x in runs[-1].read_text().splitlines() if x.strip()]
+    last = [r for r in records if "train_s" in r][-1]
+    out = {k: round(v, 2) for k, v in last.items() if k in ("wall_s", "train_s") or k.startswith("other_")}
+    out["non_train_share"] = round(1.0 - last["train_s"] / last["wall_s"], 4)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"))
@@ -42,7 +55,8 @@ def main() -> int:
     if "akod" in fid and "cosine" in fid:
         results["akod_vs_cosine_fid_c10_ratio"] = fid["akod"] / fid["cosine"]
     results["smoke_sweep"] = {"command": " ".join(["python", "bench/smoke_sweep.py", *sum((["--set", o] for o in args.overrides), [])]),
-                              "sweep_wall_s": elapsed, "load_avg": os.getloadavg(), "rows": rows}
+                              "sweep_wall_s": elapsed, "load_avg": os.getloadavg(), "rows": rows,
+                              "timers": {r["trial"]: arm_timers(root / "smoke", r["trial"]) for r in rows}}
     RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print((root / "smoke" / "sweep_table.md").read_text())
     print(f"akod_vs_cosine_fid_c10_ratio = {results.get('akod_vs_cosine_fid_c10_ratio')}; sweep took {elapsed:.0f} s")

@@ -209,4 +209,38 @@ def test_an_unreachable_ray_address_from_the_environment_names_RAY_ADDRESS(capsy
 def test_a_malformed_ray_address_exits_2_naming_the_field(capsys, no_ray_init, tmp_path):
     rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", "data.source=procedural",
                                      "--set", "run.ray_address=headnode"])
-    assert_exit_2(rc, err, r"run\.ray_address must be 'auto', host:port or ray://host:port, got 'headnode'")
+    assert_exit_2(rc, err, r"run\.ray_address must be 'auto', 'local', host:port or ray://host:port, got 'headnode'")
+
+
+def test_a_dashboard_url_as_ray_address_exits_2_saying_what_to_give(capsys, no_ray_init, tmp_path):
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", "data.source=procedural",
+                                     "--set", "run.ray_address=http://127.0.0.1:8265"])
+    assert_exit_2(rc, err, r"run\.ray_address 'http://127\.0\.0\.1:8265' is a dashboard \(Jobs API\) URL; .*6379.*")
+
+
+@pytest.mark.parametrize("family, host", [("ipv4", "127.0.0.1"), ("ipv6", "::1")])
+def test_ray_addresses_with_a_listener_pass_the_check(family, host):
+    """host:port, ray://host:port and bracketed IPv6 (as Ray writes it, e.g. in RAY_ADDRESS under
+    `ray job submit`) reach a listening port; other client schemes are left to ray.init."""
+    import socket
+
+    from akod_ray.training.trainer import check_ray_address
+
+    fam = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+    try:
+        server = socket.socket(fam)
+        server.bind((host, 0))
+    except OSError:
+        pytest.skip(f"no {family} loopback here")
+    with server:
+        server.listen()
+        port = server.getsockname()[1]
+        shown = host if family == "ipv4" else f"[{host}]"
+        for address in (f"{shown}:{port}", f"ray://{shown}:{port}", "auto", "local", "anyscale://cluster"):
+            check_ray_address(address, "run.ray_address")
+
+
+def test_val_size_below_the_worker_count_exits_2(capsys, no_ray, tmp_path):
+    rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", "data.val_size=1",
+                                     "--set", "train.num_workers=2"])
+    assert_exit_2(rc, err, r"data\.val_size must be >= train\.num_workers=2 .*, got 1")

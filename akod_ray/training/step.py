@@ -95,7 +95,7 @@ class ReferenceProtocol:
                  batch: int | None = None):
         self.process = process
         self.x0 = x0
-        self.batch = batch or x0.shape[0]  # images per forward pass (train.val_batch); the value does not depend on it
+        self.batch = batch or x0.shape[0]  # images per forward pass (train.val_batch); the value is the same up to float rounding
         self.t_grid = torch.linspace(0, process.T - 1, grid).round().long()
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn((grid, *x0.shape), generator=g).to(x0.device, x0.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import urllib.parse
 from pathlib import Path
 
 import ray
@@ -24,15 +25,29 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, naming ``field``, when nothing listens at a ``host:port`` (or ``ray://host:port``)
-    Ray address: ray.init itself retries an unreachable head for minutes before it gives up."""
+    """Fail fast, naming ``field``, when nothing listens at a ``host:port`` or ``ray://host:port``
+    Ray address (ray.init itself retries an unreachable head for minutes before it gives up).
+    IPv6 hosts come in brackets, as Ray writes them (``[fd00::1]:6379``); 'auto', 'local' and
+    other client schemes (``<module>://...``) are left to ray.init."""
     if address in ("auto", "local"):
         return
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"{field} must be 'auto', host:port or ray://host:port, got {address!r}")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    if scheme in ("http", "https"):
+        raise ConfigError(f"{field} {address!r} is a dashboard (Jobs API) URL; give the head's address host:port "
+                          "(the GCS port, 6379 by default), ray://host:port or 'auto'")
+    if scheme not in ("", "ray"):
+        return
+    parts = urllib.parse.urlsplit("//" + rest)
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number or out of range
+        host, port = None, None
+    if not host or port is None:
+        raise ConfigError(f"{field} must be 'auto', 'local', host:port or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
         raise ConfigError(f"{field} {address!r}: no Ray head answers there ({e.strerror or e})") from None
 
