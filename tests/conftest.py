@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,7 @@ import torch.nn as nn
 from akod_ray.config import ModelConfig
 from akod_ray.diffusion.process import DiffusionProcess
 
-REPO = Path(__file__).resolve().parent.parent
-CIFAR_DIR = REPO.parent / "shared" / "data" / "cifar10"
+from ray_helpers import CIFAR_DIR, REPO  # noqa: F401  (one definition of the repo and data paths)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,14 +27,31 @@ def cifar_dir() -> Path:
     return CIFAR_DIR
 
 
-@pytest.fixture
-def torch_single_thread():
+@contextlib.contextmanager
+def _one_torch_thread():
     """One intra-op thread for CPU-heavy tests: on a small machine shared with other jobs, two
     spinning OpenMP threads were measured ten times slower than one."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_single_thread():
+    """One torch thread for one test (see :func:`_one_torch_thread`)."""
+    with _one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread_module():
+    """One torch thread for a whole module, module-scoped fixtures included; use it with
+    ``pytestmark = pytest.mark.usefixtures("torch_single_thread_module")``."""
+    with _one_torch_thread():
+        yield
 
 
 @pytest.fixture

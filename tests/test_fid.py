@@ -17,13 +17,7 @@ from akod_ray.evaluation.fid import FeatureStats, frechet_distance, statistics
 INCEPTION = fid.IMPLEMENTATIONS["inception"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared, busy CPU, more threads only wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_single_thread_module")  # one torch thread: a shared, busy CPU
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:

@@ -20,18 +20,12 @@ from akod_ray.data.parquet import load_images, to_model_range
 from akod_ray.errors import AkodError, CheckpointError
 from akod_ray.evaluation import fid
 from akod_ray.evaluation.feature_net import DEFAULT_WEIGHTS, C10FeatureNet, load_feature_net, weights_record
+from ray_helpers import CIFAR_DIR as DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 N = 1000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared, busy CPU, more threads only wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_single_thread_module")  # one torch thread: a shared, busy CPU
 
 
 def _save_random_net(path: Path, width: int = 8) -> Path:

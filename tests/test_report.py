@@ -38,13 +38,7 @@ TINY_MODEL = ModelConfig(channels=(8, 8, 8, 8), bottleneck_channels=8, num_res_b
                          dropout=0.0, msfi=False, beta_modulation=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared, busy CPU, more threads only wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_single_thread_module")  # one torch thread: a shared, busy CPU
 
 
 def train_tiny_run(run_dir: Path, schedule: str, seed: int, ref_c10, feat_net, min_snr_gamma=None) -> list[dict]:

@@ -16,9 +16,9 @@ import pytest
 from akod_ray.config import load_config
 from akod_ray.sweep.trial import point_name, search_space, trial_config
 from akod_ray.sweep.tuner import write_table
+from ray_helpers import CIFAR_DIR as CIFAR
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 
 
 def test_search_space_covers_arms_filter_sizes_and_seeds():
