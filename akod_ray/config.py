@@ -130,7 +130,7 @@ class TrainConfig:
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts (-1 = forever)
     max_wall_s: float | None = None  # stop at the first log interval past this training wall-clock (a time budget)
-    val_batch: int = 64  # images per forward pass of the reference validation loss (per worker; memory, not the value up to rounding)
+    val_batch: int = 64  # images per forward pass of the reference validation loss, per worker (memory; the value changes only by float rounding)
     ref_grid: int = 8  # log-SNR grid points of the reference protocol
     seed: int = 0
 

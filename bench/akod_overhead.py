@@ -42,9 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, loadavg, write_figures  # noqa: E402
-
-DATA_DIR = ROOT.parent / "shared" / "data" / "cifar10"
+from common import DATA_DIR, ROOT, loadavg, write_figures  # noqa: E402
 
 BASE = [
     "model.channels=[32,32,64,64]", "model.bottleneck_channels=64", "model.num_res_blocks=1",

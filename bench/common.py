@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
+DATA_DIR = ROOT.parent / "shared" / "data" / "cifar10"  # the offline CIFAR-10 copy beside the checkout
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -33,11 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, loadavg, median, write_figures  # noqa: E402
+from common import DATA_DIR, RESULTS, ROOT, loadavg, median, write_figures  # noqa: E402
 
 import torch  # noqa: E402
-
-DATA_DIR = ROOT.parent / "shared" / "data" / "cifar10"
 
 
 def bench_config(root: Path, name: str, steps: int, workers: int, cpus: int, log_every: int, source: str):

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, interleaved, loadavg, median, paired_ratios, write_figures  # noqa: E402
+from common import DATA_DIR, interleaved, loadavg, median, paired_ratios, write_figures  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -54,8 +54,6 @@ from akod_ray.diffusion.process import DiffusionProcess  # noqa: E402
 from akod_ray.diffusion.schedules import linear_betas  # noqa: E402
 from akod_ray.models.unet import UNet, count_parameters  # noqa: E402
 from akod_ray.training.step import StepOptions, make_optimizer, train_step  # noqa: E402
-
-DATA_DIR = ROOT.parent / "shared" / "data" / "cifar10"
 
 
 def real_batch(n: int) -> tuple[torch.Tensor, str]:
