@@ -19,9 +19,10 @@ import yaml
 
 from akod_ray.errors import ConfigError
 
-SCHEDULES = ("linear", "cosine", "akod", "file")
+SCHEDULES = ("linear", "cosine", "loglinear", "akod", "file")
 DATA_SOURCES = ("cifar10", "procedural")
-REWARDS = ("reference", "paper")
+REWARDS = ("improvement", "reference", "paper")
+BUDGET_CLOCKS = ("wall", "cpu")
 SAMPLERS = ("ddpm", "ddim")
 BUDGET_KINDS = ("images", "seconds")
 
@@ -34,7 +35,7 @@ def _check(cond: bool, name: str, msg: str, value: Any) -> None:
 @dataclass(frozen=True)
 class DiffusionConfig:
     T: int = 1000  # number of diffusion steps (DDPM: 1000)
-    schedule: str = "linear"  # linear | cosine (fixed) | akod (learned by PPO) | file (a learned schedule file)
+    schedule: str = "linear"  # linear | cosine | loglinear (fixed; loglinear = uniform in log-SNR, the DKO's start) | akod (learned by PPO) | file (a learned schedule file)
     schedule_file: str | None = None  # schedule .json exported by an AKOD run, with schedule=file
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None = L_simple
 
@@ -80,7 +81,8 @@ class DKOConfig:
     logsnr_max: float = 9.21  # log-SNR at t=1 (linear schedule's beta_1 = 1e-4)
     logsnr_min: float = -10.13  # log-SNR at t=T (linear schedule's abar_T)
     min_segment_share: float = 0.1  # share of the log-SNR range spread evenly over segments (keeps slopes > 0)
-    probe_size: int = 64  # real training images the DKO observes
+    probe_size: int = 64  # real training images the DKO observes in one episode (drawn afresh, with fresh noise)
+    probe_pool: int = 1024  # training images the probes are drawn from (loaded once by the driver)
 
     def __post_init__(self) -> None:
         k = self.kernel_size
@@ -92,6 +94,8 @@ class DKOConfig:
                "and dko.logsnr_min must lie in [-20, 20] (beta_1 rounds to 0 in float64 beyond)", self.logsnr_max)
         _check(0.0 < self.min_segment_share < 1.0, "dko.min_segment_share", "must be in (0, 1)", self.min_segment_share)
         _check(self.probe_size >= 1, "dko.probe_size", "must be >= 1", self.probe_size)
+        _check(self.probe_pool >= self.probe_size, "dko.probe_pool", f"must be >= dko.probe_size={self.probe_size}",
+               self.probe_pool)
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ class TrainConfig:
     sample_every: int = 10000  # steps between EMA sample grids
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts (-1 = forever)
-    max_wall_s: float | None = None  # stop at the first log interval past this training wall-clock (a time budget)
+    max_wall_s: float | None = None  # stop at the first log interval past this many budget seconds (a time budget)
+    budget_clock: str = "wall"  # what max_wall_s counts: wall (wall-clock) | cpu (this process's CPU time: fair on a shared machine with 1 thread per run); evaluation (fid_c10, sample grids, metrics records) never counts
     val_batch: int = 64  # images per forward pass of the reference validation loss, per worker (memory; the value changes only by float rounding)
     ref_grid: int = 8  # log-SNR grid points of the reference protocol
     seed: int = 0
@@ -146,6 +151,7 @@ class TrainConfig:
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1", self.max_failures)
         if self.max_wall_s is not None:
             _check(self.max_wall_s > 0, "train.max_wall_s", "must be > 0 or null", self.max_wall_s)
+        _check(self.budget_clock in BUDGET_CLOCKS, "train.budget_clock", f"must be one of {BUDGET_CLOCKS}", self.budget_clock)
         per = self.num_workers * self.grad_accum
         _check(self.batch_size % per == 0, "train.batch_size",
                f"must be divisible by train.num_workers * train.grad_accum = {per}", self.batch_size)
@@ -154,7 +160,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RLConfig:
     segment_steps: int = 500  # K: denoiser steps trained with each proposed schedule
-    reward: str = "reference"  # reference (fixed log-SNR grid, cannot be gamed) | paper (loss under the proposal)
+    # improvement: relative fall of the reference loss over the segment or branch, (L_before - L_after) / L_before
+    # (isolates the schedule from the drift of training; chosen by measurement, BENCHMARKS.md) |
+    # reference: -L_after, the level of the reference loss (fixed log-SNR grid, cannot be gamed) |
+    # paper: -(loss under the proposed schedule), the paper's literal reward (can be gamed)
+    reward: str = "improvement"
+    branches: int = 0  # M: PPO episodes per segment as short training branches from the trunk's weights (0: the trunk's segments are the episodes)
+    branch_steps: int = 20  # steps of one branch (same batches and noise for every branch of a round)
     train_batch: int = 4  # schedules (episodes) per PPO iteration
     minibatch_size: int = 32  # PPO minibatch, in env steps
     num_epochs: int = 8  # PPO epochs per iteration
@@ -164,6 +176,8 @@ class RLConfig:
     def __post_init__(self) -> None:
         _check(self.segment_steps >= 1, "rl.segment_steps", "must be >= 1", self.segment_steps)
         _check(self.reward in REWARDS, "rl.reward", f"must be one of {REWARDS}", self.reward)
+        _check(self.branches >= 0, "rl.branches", "must be >= 0", self.branches)
+        _check(self.branch_steps >= 1, "rl.branch_steps", "must be >= 1", self.branch_steps)
         for name in ("train_batch", "minibatch_size", "num_epochs"):
             _check(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1", getattr(self, name))
         _check(self.lr > 0, "rl.lr", "must be > 0", self.lr)
@@ -190,17 +204,28 @@ class EvalConfig:
         _check(self.grid_size >= 1, "eval.grid_size", "must be >= 1", self.grid_size)
 
 
-ARMS = ("linear", "cosine", "min_snr", "akod")
+# Each arm is a schedule and a network (DESIGN 1.7): "plain" = DDPM U-Net (MSFI and beta-modulation off),
+# "akod" = the AKOD U-Net (both on).
+ARMS = ("baseline", "cosine", "min_snr", "loglinear", "msfi_only", "dko_only", "akod")
+ARM_SPECS = {  # arm -> (diffusion.schedule, Min-SNR weighting, AKOD U-Net)
+    "baseline": ("linear", False, False),
+    "cosine": ("cosine", False, False),
+    "min_snr": ("cosine", True, False),
+    "loglinear": ("loglinear", False, False),
+    "msfi_only": ("cosine", False, True),
+    "dko_only": ("akod", False, False),
+    "akod": ("akod", False, True),
+}
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"  # the Tune experiment folder under run.root; rerun with --resume to continue it
-    arms: tuple[str, ...] = ARMS  # linear | cosine | min_snr (cosine + Min-SNR-gamma) | akod
+    arms: tuple[str, ...] = ARMS  # baseline | cosine | min_snr | loglinear | msfi_only | dko_only | akod (ARM_SPECS)
     kernel_sizes: tuple[int, ...] = (7,)  # DKO filter sizes k swept for the akod arm
     seeds: tuple[int, ...] = (0,)
     min_snr_gamma: float = 5.0  # gamma of the min_snr arm (Hang et al. 2023)
-    budget_kind: str = "images"  # images: train.steps = budget / train.batch_size; seconds: train.max_wall_s = budget
+    budget_kind: str = "images"  # images: train.steps = budget / train.batch_size; seconds: train.max_wall_s = budget (train.budget_clock)
     budget: float = 1_000_000  # the same budget for every arm (AKOD's RL overhead inside its time)
     max_concurrent_trials: int | None = None  # None: cluster CPUs (or GPUs) / resources per trial
 
@@ -209,6 +234,7 @@ class SweepConfig:
         _check(len(self.arms) >= 1, "sweep.arms", "must list at least one arm", self.arms)
         for a in self.arms:
             _check(a in ARMS, "sweep.arms", f"must be from {ARMS}", self.arms)
+        _check(len(set(self.arms)) == len(self.arms), "sweep.arms", "must not repeat an arm", self.arms)
         for k in self.kernel_sizes:
             _check(k >= 3 and k % 2 == 1, "sweep.kernel_sizes", "must be odd and >= 3", self.kernel_sizes)
         _check(len(self.kernel_sizes) >= 1 and len(self.seeds) >= 1, "sweep.kernel_sizes", "and sweep.seeds must be non-empty",
@@ -260,6 +286,9 @@ class Config:
                f"must be >= train.num_workers={self.train.num_workers} (every worker evaluates its share of the "
                "held-out images)", self.data.val_size)
         if d.schedule == "akod":
+            _check(self.rl.branches == 0 or self.rl.train_batch % self.rl.branches == 0, "rl.train_batch",
+                   f"must be a multiple of rl.branches={self.rl.branches} (a PPO iteration takes whole branch rounds)",
+                   self.rl.train_batch)
             _check(self.train.ckpt_every % self.rl.segment_steps == 0, "train.ckpt_every",
                    f"must be a multiple of rl.segment_steps={self.rl.segment_steps} for the akod schedule "
                    "(checkpoints fall on segment ends)", self.train.ckpt_every)
