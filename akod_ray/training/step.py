@@ -100,18 +100,31 @@ class ReferenceProtocol:
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn((grid, *x0.shape), generator=g).to(x0.device, x0.dtype)
 
+    @property
+    def grid_logsnr(self) -> list[float]:
+        """log-SNR of each grid point under the reference process (decreasing)."""
+        return self.process.log_snr[self.t_grid].tolist()
+
     @torch.no_grad()
-    def loss(self, model: nn.Module, bf16: bool = False) -> float:
+    def profile(self, model: nn.Module, bf16: bool = False) -> list[float]:
+        """The loss profile: epsilon-MSE at each grid point (mean over this batch of images)."""
         model.eval()
         n = self.x0.shape[0]
-        total = 0.0
+        out = []
         for j, t in enumerate(self.t_grid.tolist()):
+            total = 0.0
             for i in range(0, n, self.batch):
                 x0, noise = self.x0[i:i + self.batch], self.noise[j, i:i + self.batch]
                 tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
                 with autocast(x0.device, bf16):
                     total += self.process.training_loss(model, x0, tt, noise).sum().item()
-        return total / (len(self.t_grid) * n)
+            out.append(total / n)
+        return out
+
+    def loss(self, model: nn.Module, bf16: bool = False) -> float:
+        """The reference loss: the mean of :meth:`profile` over the grid."""
+        p = self.profile(model, bf16)
+        return sum(p) / len(p)
 
 
 @torch.no_grad()
