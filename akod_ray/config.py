@@ -125,6 +125,11 @@ class TrainConfig:
     ema_decay: float = 0.9999
     bf16: bool = False  # bf16 autocast for the forward pass
     channels_last: bool = False  # NHWC memory format
+    # How the training step runs (akod_ray/training/fast_step.py): eager | default (the U-Net compiled by
+    # torch.compile) | reduce-overhead (default + the whole step captured in one CUDA graph; on a CPU or under
+    # DDP it runs as default) | auto (reduce-overhead on one GPU, default under DDP on GPUs, eager on a CPU).
+    # A failed compilation or capture prints one line and falls back. "eager", not "off": YAML reads off as false.
+    compile: str = "auto"
     num_workers: int = 1  # Ray Train workers (DDP)
     use_gpu: bool = False
     cpus_per_worker: int = 1  # CPUs (and torch threads) per worker when training on CPU
@@ -152,6 +157,8 @@ class TrainConfig:
         if self.max_wall_s is not None:
             _check(self.max_wall_s > 0, "train.max_wall_s", "must be > 0 or null", self.max_wall_s)
         _check(self.budget_clock in BUDGET_CLOCKS, "train.budget_clock", f"must be one of {BUDGET_CLOCKS}", self.budget_clock)
+        compile_modes = ("auto", "eager", "default", "reduce-overhead")
+        _check(self.compile in compile_modes, "train.compile", f"must be one of {compile_modes}", self.compile)
         per = self.num_workers * self.grad_accum
         _check(self.batch_size % per == 0, "train.batch_size",
                f"must be divisible by train.num_workers * train.grad_accum = {per}", self.batch_size)

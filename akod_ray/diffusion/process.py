@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from akod_ray.diffusion.schedules import validate_betas
 
 COND_DIM = 4
+# Columns of :meth:`DiffusionProcess.step_tables`: everything a training step reads at step t.
+TABLE_SQRT_ABAR, TABLE_SQRT_ONE_MINUS_ABAR, TABLE_COND, TABLE_WEIGHT = 0, 1, slice(2, 2 + COND_DIM), 2 + COND_DIM
+TABLE_WIDTH = 3 + COND_DIM
 
 
 class DiffusionProcess:
@@ -82,6 +85,36 @@ class DiffusionProcess:
             return None
         snr = torch.exp(self.log_snr.to(t.device)[t])
         return (torch.clamp(snr, max=min_snr_gamma) / snr).float()
+
+    def step_tables(self, min_snr_gamma: float | None = None) -> torch.Tensor:
+        """[T, 7] float32: per step t, the columns sqrt(abar_t), sqrt(1 - abar_t), noise_cond(t)
+        (4 columns) and the loss weight w_t (1 without Min-SNR).
+
+        Every value is the float32 rounding of the float64 constant that :meth:`extract`,
+        :meth:`noise_cond` and :meth:`loss_weights` read, so a step that gathers one row per
+        example from this table computes exactly what :meth:`training_loss` computes. Built on
+        the host; a fast step keeps one copy on the device and overwrites it in place
+        (``copy_``) when the schedule changes, so compiled or captured code sees new values at
+        the same address.
+        """
+        snr = torch.exp(self.log_snr)
+        weight = torch.ones_like(snr) if min_snr_gamma is None else torch.clamp(snr, max=min_snr_gamma) / snr
+        return torch.cat([self.sqrt_abar[:, None].float(), self.sqrt_one_minus_abar[:, None].float(),
+                          self._cond_table, weight[:, None].float()], dim=1)
+
+    @staticmethod
+    def table_loss(model, tables: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   weighted: bool = False) -> torch.Tensor:
+        """:meth:`training_loss`, reading the rows of :meth:`step_tables` (kept on x0's device)
+        instead of the float64 constants on the host: the same values, and no host-to-device
+        copy or synchronization, so it can be compiled or captured in a CUDA graph."""
+        row = tables[t]  # [B, 7]
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        x_t = (row[:, TABLE_SQRT_ABAR].view(shape).to(x0.dtype) * x0
+               + row[:, TABLE_SQRT_ONE_MINUS_ABAR].view(shape).to(x0.dtype) * noise)  # Eq. 4
+        eps = model(x_t, row[:, TABLE_COND])
+        loss = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))  # Eq. 14
+        return loss * row[:, TABLE_WEIGHT] if weighted else loss
 
     def training_loss(
         self,

@@ -10,12 +10,22 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = [p.detach().clone().float() for p in model.parameters()]
+        self._source: tuple[nn.Module, list[torch.Tensor]] | None = None
+
+    def _params(self, model: nn.Module) -> list[torch.Tensor]:
+        """The model's parameters as float32 tensors, listed once per model: an optimizer updates
+        the same Parameter objects in place at every step (and a captured CUDA graph reads them)."""
+        if self._source is None or self._source[0] is not model:
+            params = list(model.parameters())
+            if any(p.dtype != torch.float32 for p in params):  # a cast copy goes stale: cast every time
+                return [p.detach().float() for p in params]
+            self._source = (model, params)
+        return self._source[1]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param."""
-        params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
+        """shadow <- decay * shadow + (1 - decay) * param: one fused multi-tensor kernel, no host sync."""
+        torch._foreach_lerp_(self.shadow, self._params(model), 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
