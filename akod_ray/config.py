@@ -9,15 +9,20 @@ run directory as YAML (:func:`save_config`) and reloads to an equal object.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import reprlib
+import stat
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from akod_ray.errors import ConfigError
+from akod_ray.errors import AkodError, ConfigError
 
 SCHEDULES = ("linear", "cosine", "loglinear", "akod", "file")
 DATA_SOURCES = ("cifar10", "procedural")
@@ -27,9 +32,58 @@ SAMPLERS = ("ddpm", "ddim")
 BUDGET_KINDS = ("images", "seconds")
 
 
+# Limits that keep a run inside one machine's memory and time: a value past them cannot work
+# (diffusion.T = 1e9 allocates tables until the machine runs out of memory).
+IMAGE_SIZE = 32  # every dataset's images are 32 x 32 RGB (checked when the data files are opened)
+MAX_T = 100_000  # diffusion steps: schedule tables and the DDPM sampler are O(T)
+MAX_WIDTH = 4096  # U-Net and DKO layer widths
+MAX_STEPS = 10**9  # optimizer steps and step intervals
+MAX_IMAGES = 1_000_000  # images held in memory at once (a training subset, probes, FID samples)
+MAX_BATCH = 65_536
+MAX_SEED = 2**31 - 1
+MAX_NAME = 200  # characters of a run or sweep name (one path component)
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A short one-line repr for messages (a config value can be a huge or deeply nested list)."""
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's digit limit, ...
+        return f"<{type(value).__name__}>"
+
+
 def _check(cond: bool, name: str, msg: str, value: Any) -> None:
     if not cond:
-        raise ConfigError(f"{name} {msg}, got {value!r}")
+        raise ConfigError(f"{name} {msg}, got {show(value)}")
+
+
+def _finite(name: str, value: float) -> None:
+    _check(math.isfinite(value), name, "must be a finite number", value)
+
+
+def _at_most(name: str, value: float, limit: float, why: str = "") -> None:
+    _check(value <= limit, name, f"must be <= {limit:,}{f' ({why})' if why else ''}", value)
+
+
+def _plain_text(name: str, value: str | None) -> None:
+    """No control, format or line-separator characters (NUL included): they break paths and log lines."""
+    if value is not None:
+        bad = [c for c in value if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
+        _check(not bad, name, "must not contain control characters", value)
+
+
+def check_name(name: str, value: str) -> None:
+    """A run or sweep name is one folder under run.root: never a path, '.', '..' or a hidden control character."""
+    _plain_text(name, value)
+    _check(bool(value) and len(value) <= MAX_NAME, name, f"must be a non-empty name of at most {MAX_NAME} characters",
+           value)
+    _check("/" not in value and "\\" not in value, name, "must be a name without '/' or '\\' (one folder, not a path)",
+           value)
+    _check(value.strip(".") != "", name, "must not be '.' or '..' (it would name run.root or its parent)", value)
 
 
 @dataclass(frozen=True)
@@ -41,12 +95,15 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _check(self.T >= 2, "diffusion.T", "must be >= 2", self.T)
+        _at_most("diffusion.T", self.T, MAX_T, "a memory-sized limit: schedule tables and DDPM sampling grow with T")
         if self.schedule == "linear":  # beta_T = 0.02 * 1000 / T must stay <= 0.999
             _check(self.T >= 21, "diffusion.T", "must be >= 21 for the linear schedule", self.T)
         _check(self.schedule in SCHEDULES, "diffusion.schedule", f"must be one of {SCHEDULES}", self.schedule)
         if self.schedule == "file":
             _check(bool(self.schedule_file), "diffusion.schedule_file", "must be set when diffusion.schedule=file", self.schedule_file)
+        _plain_text("diffusion.schedule_file", self.schedule_file)
         if self.min_snr_gamma is not None:
+            _finite("diffusion.min_snr_gamma", self.min_snr_gamma)
             _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null", self.min_snr_gamma)
 
 
@@ -66,11 +123,21 @@ class ModelConfig:
         for c in self.channels:
             _check(c >= 1, "model.channels", "must all be positive", self.channels)
             _check(c % 8 == 0, "model.channels", "must all be multiples of 8 (GroupNorm groups)", self.channels)
+            _check(c <= MAX_WIDTH, "model.channels", f"must all be <= {MAX_WIDTH} (a memory-sized limit)", self.channels)
         _check(self.bottleneck_channels >= 8 and self.bottleneck_channels % 8 == 0, "model.bottleneck_channels",
                "must be a positive multiple of 8", self.bottleneck_channels)
+        _at_most("model.bottleneck_channels", self.bottleneck_channels, MAX_WIDTH, "a memory-sized limit")
         _check(self.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1", self.num_res_blocks)
+        _at_most("model.num_res_blocks", self.num_res_blocks, 16, "a memory-sized limit")
+        levels = tuple(IMAGE_SIZE >> i for i in range(4))  # the feature-map sizes of the four levels
+        for r in self.attention_resolutions:
+            _check(r in levels, "model.attention_resolutions", f"must be feature-map sizes from {levels}",
+                   self.attention_resolutions)
+        _finite("model.dropout", self.dropout)
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
         _check(self.msfi_ffn_mult >= 1, "model.msfi_ffn_mult", "must be >= 1", self.msfi_ffn_mult)
+        _at_most("model.msfi_ffn_mult", self.msfi_ffn_mult * self.bottleneck_channels, MAX_WIDTH * 4,
+                 "model.msfi_ffn_mult * model.bottleneck_channels: a memory-sized limit")
 
 
 @dataclass(frozen=True)
@@ -87,13 +154,20 @@ class DKOConfig:
     def __post_init__(self) -> None:
         k = self.kernel_size
         _check(k >= 3 and k % 2 == 1, "dko.kernel_size", "must be odd and >= 3", k)
+        _check(k <= IMAGE_SIZE, "dko.kernel_size", f"must not exceed the image size {IMAGE_SIZE}", k)
         _check(self.num_knots >= 2, "dko.num_knots", "must be >= 2", self.num_knots)
+        _at_most("dko.num_knots", self.num_knots, 1000, "PPO steps per episode")
         _check(all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1, "dko.hidden", "must be positive widths", self.hidden)
+        _check(len(self.hidden) <= 16 and all(h <= MAX_WIDTH for h in self.hidden), "dko.hidden",
+               f"must be at most 16 widths of at most {MAX_WIDTH} (a memory-sized limit)", self.hidden)
+        for name in ("logsnr_max", "logsnr_min", "min_segment_share"):
+            _finite(f"dko.{name}", getattr(self, name))
         _check(self.logsnr_max > self.logsnr_min, "dko.logsnr_max", "must exceed dko.logsnr_min", self.logsnr_max)
         _check(-20.0 <= self.logsnr_min and self.logsnr_max <= 20.0, "dko.logsnr_max",
                "and dko.logsnr_min must lie in [-20, 20] (beta_1 rounds to 0 in float64 beyond)", self.logsnr_max)
         _check(0.0 < self.min_segment_share < 1.0, "dko.min_segment_share", "must be in (0, 1)", self.min_segment_share)
         _check(self.probe_size >= 1, "dko.probe_size", "must be >= 1", self.probe_size)
+        _at_most("dko.probe_pool", self.probe_pool, MAX_IMAGES // 10, "images held in float64 by the trial driver")
         _check(self.probe_pool >= self.probe_size, "dko.probe_pool", f"must be >= dko.probe_size={self.probe_size}",
                self.probe_pool)
 
@@ -108,9 +182,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}", self.source)
+        _plain_text("data.data_dir", self.data_dir)
         if self.train_subset is not None:
             _check(self.train_subset >= 1, "data.train_subset", "must be >= 1 or null", self.train_subset)
+            _at_most("data.train_subset", self.train_subset, MAX_IMAGES * 10, "images held in memory by every worker")
         _check(self.val_size >= 1, "data.val_size", "must be >= 1", self.val_size)
+        _at_most("data.val_size", self.val_size, MAX_IMAGES // 10, "held-out images evaluated at every log interval")
+        _check(0 <= self.seed <= MAX_SEED, "data.seed", f"must be in [0, {MAX_SEED}]", self.seed)
+        if self.source == "procedural":  # generated image by image in Python when a worker starts
+            _at_most("data.train_subset", self.train_subset or 0, MAX_IMAGES // 5, "procedural images are generated one by one")
 
 
 @dataclass(frozen=True)
@@ -148,6 +228,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "ckpt_every",
                      "sample_every", "num_to_keep", "val_batch", "ref_grid"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be >= 1", getattr(self, name))
+        for name in ("steps", "log_every", "ckpt_every", "sample_every", "warmup_steps"):
+            _at_most(f"train.{name}", getattr(self, name), MAX_STEPS)
+        for name in ("batch_size", "val_batch"):
+            _at_most(f"train.{name}", getattr(self, name), MAX_BATCH, "a memory-sized limit")
+        for name, limit in (("num_workers", 1024), ("cpus_per_worker", 1024), ("num_to_keep", 1000), ("ref_grid", 1024)):
+            _at_most(f"train.{name}", getattr(self, name), limit)
+        for name in ("lr", "weight_decay", "grad_clip", "ema_decay"):
+            _finite(f"train.{name}", getattr(self, name))
         _check(self.lr > 0, "train.lr", "must be > 0", self.lr)
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
@@ -155,7 +243,9 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)", self.ema_decay)
         _check(self.max_failures >= -1, "train.max_failures", "must be >= -1", self.max_failures)
         if self.max_wall_s is not None:
+            _finite("train.max_wall_s", self.max_wall_s)
             _check(self.max_wall_s > 0, "train.max_wall_s", "must be > 0 or null", self.max_wall_s)
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}]", self.seed)
         _check(self.budget_clock in BUDGET_CLOCKS, "train.budget_clock", f"must be one of {BUDGET_CLOCKS}", self.budget_clock)
         compile_modes = ("auto", "eager", "default", "reduce-overhead")
         _check(self.compile in compile_modes, "train.compile", f"must be one of {compile_modes}", self.compile)
@@ -187,8 +277,16 @@ class RLConfig:
         _check(self.branch_steps >= 1, "rl.branch_steps", "must be >= 1", self.branch_steps)
         for name in ("train_batch", "minibatch_size", "num_epochs"):
             _check(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1", getattr(self, name))
+        _at_most("rl.segment_steps", self.segment_steps, MAX_STEPS)
+        _at_most("rl.branches", self.branches, 256, "one Ray actor each")
+        _at_most("rl.branch_steps", self.branch_steps, MAX_STEPS)
+        for name, limit in (("train_batch", 4096), ("minibatch_size", 10**6), ("num_epochs", 1000)):
+            _at_most(f"rl.{name}", getattr(self, name), limit)
+        for name in ("lr", "broker_timeout_s"):
+            _finite(f"rl.{name}", getattr(self, name))
         _check(self.lr > 0, "rl.lr", "must be > 0", self.lr)
         _check(self.broker_timeout_s > 0, "rl.broker_timeout_s", "must be > 0", self.broker_timeout_s)
+        _at_most("rl.broker_timeout_s", self.broker_timeout_s, 7 * 24 * 3600.0, "a week")
 
 
 @dataclass(frozen=True)
@@ -205,10 +303,18 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.sampler in SAMPLERS, "eval.sampler", f"must be one of {SAMPLERS}", self.sampler)
         _check(self.ddim_steps >= 1, "eval.ddim_steps", "must be >= 1", self.ddim_steps)
+        _finite("eval.ddim_eta", self.ddim_eta)
         _check(0.0 <= self.ddim_eta <= 1.0, "eval.ddim_eta", "must be in [0, 1]", self.ddim_eta)
         _check(self.fid_every >= 0, "eval.fid_every", "must be >= 0", self.fid_every)
+        _at_most("eval.fid_every", self.fid_every, MAX_STEPS)
         _check(self.fid_samples >= 2, "eval.fid_samples", "must be >= 2", self.fid_samples)
+        _at_most("eval.fid_samples", self.fid_samples, MAX_IMAGES // 10, "samples held in memory")
         _check(self.grid_size >= 1, "eval.grid_size", "must be >= 1", self.grid_size)
+        _at_most("eval.grid_size", self.grid_size, 64, "grid_size**2 samples")
+        for name in ("target_ref_loss", "target_fid"):
+            if getattr(self, name) is not None:
+                _finite(f"eval.{name}", getattr(self, name))
+                _check(getattr(self, name) >= 0, f"eval.{name}", "must be >= 0 or null", getattr(self, name))
 
 
 # Each arm is a schedule and a network (DESIGN 1.7): "plain" = DDPM U-Net (MSFI and beta-modulation off),
@@ -237,21 +343,31 @@ class SweepConfig:
     max_concurrent_trials: int | None = None  # None: cluster CPUs (or GPUs) / resources per trial
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "sweep.name", "must be a non-empty name without '/'", self.name)
+        check_name("sweep.name", self.name)
         _check(len(self.arms) >= 1, "sweep.arms", "must list at least one arm", self.arms)
         for a in self.arms:
             _check(a in ARMS, "sweep.arms", f"must be from {ARMS}", self.arms)
         _check(len(set(self.arms)) == len(self.arms), "sweep.arms", "must not repeat an arm", self.arms)
         for k in self.kernel_sizes:
             _check(k >= 3 and k % 2 == 1, "sweep.kernel_sizes", "must be odd and >= 3", self.kernel_sizes)
+            _check(k <= IMAGE_SIZE, "sweep.kernel_sizes", f"must not exceed the image size {IMAGE_SIZE}", self.kernel_sizes)
         _check(len(self.kernel_sizes) >= 1 and len(self.seeds) >= 1, "sweep.kernel_sizes", "and sweep.seeds must be non-empty",
                self.kernel_sizes)
+        for name in ("kernel_sizes", "seeds"):
+            values = getattr(self, name)
+            _check(len(set(values)) == len(values), f"sweep.{name}", "must not repeat a value", values)
+            _check(len(values) <= 1000, f"sweep.{name}", "must list at most 1000 values", values)
+        for seed in self.seeds:
+            _check(0 <= seed <= MAX_SEED, "sweep.seeds", f"must be in [0, {MAX_SEED}]", self.seeds)
+        _finite("sweep.min_snr_gamma", self.min_snr_gamma)
         _check(self.min_snr_gamma > 0, "sweep.min_snr_gamma", "must be > 0", self.min_snr_gamma)
         _check(self.budget_kind in BUDGET_KINDS, "sweep.budget_kind", f"must be one of {BUDGET_KINDS}", self.budget_kind)
+        _finite("sweep.budget", self.budget)
         _check(self.budget > 0, "sweep.budget", "must be > 0", self.budget)
         if self.max_concurrent_trials is not None:
             _check(self.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "must be >= 1 or null",
                    self.max_concurrent_trials)
+            _at_most("sweep.max_concurrent_trials", self.max_concurrent_trials, 10_000)
 
 
 @dataclass(frozen=True)
@@ -263,11 +379,14 @@ class RunConfig:
     dashboard: bool = True  # start the Ray Dashboard (127.0.0.1 only) with a locally started Ray
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'", self.name)
+        check_name("run.name", self.name)
+        _plain_text("run.root", self.root)
         _check("://" not in self.root, "run.root",
                "must be a folder path (on a cluster: a shared filesystem mounted on every node), not a URI", self.root)
+        _plain_text("run.ray_address", self.ray_address)
         if self.num_cpus is not None:
             _check(self.num_cpus >= 1, "run.num_cpus", "must be >= 1 or null", self.num_cpus)
+            _at_most("run.num_cpus", self.num_cpus, 100_000)
 
 
 @dataclass(frozen=True)
@@ -292,6 +411,22 @@ class Config:
         _check(self.data.val_size >= self.train.num_workers, "data.val_size",
                f"must be >= train.num_workers={self.train.num_workers} (every worker evaluates its share of the "
                "held-out images)", self.data.val_size)
+        tc, ev = self.train, self.eval
+        if ev.sampler == "ddim":
+            _check(ev.ddim_steps <= d.T, "eval.ddim_steps", f"must be <= diffusion.T={d.T} (DDIM takes a subset of the "
+                   "T steps)", ev.ddim_steps)
+        _check(ev.fid_samples >= tc.num_workers, "eval.fid_samples", f"must be >= train.num_workers={tc.num_workers} "
+               "(every worker samples its share)", ev.fid_samples)
+        known = self.data.train_subset or (4096 if self.data.source == "procedural" else None)
+        if known is not None:
+            where = "data.train_subset" if self.data.train_subset else "the procedural dataset's default size"
+            _check(tc.batch_size <= known, "train.batch_size", f"must be <= {where}={known} (one batch of training "
+                   "images)", tc.batch_size)
+        if self.sweep.budget_kind == "images":
+            _check(self.sweep.budget >= tc.batch_size, "sweep.budget", f"must be >= train.batch_size={tc.batch_size} "
+                   "images (one optimizer step) with sweep.budget_kind=images", self.sweep.budget)
+            _at_most("sweep.budget", self.sweep.budget, MAX_STEPS * tc.batch_size,
+                     f"{MAX_STEPS:,} steps of train.batch_size={tc.batch_size}")
         if d.schedule == "akod":
             _check(self.rl.branches == 0 or self.rl.train_batch % self.rl.branches == 0, "rl.train_batch",
                    f"must be a multiple of rl.branches={self.rl.branches} (a PPO iteration takes whole branch rounds)",
@@ -309,7 +444,7 @@ class Config:
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check ``value`` against the type hint ``hint``; lists become tuples."""
+    """Check ``value`` against the type hint ``hint``; lists become tuples, floats must be finite."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -319,41 +454,50 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return _coerce(value, inner[0], name)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(f"{name} must be a list, got {show(value)}")
+        if len(value) > 1000:
+            raise ConfigError(f"{name} must list at most 1000 values, got {len(value)}")
         (elem, _ellipsis) = typing.get_args(hint)
         return tuple(_coerce(v, elem, name) for v in value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {show(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {show(value)}")
         return value
     if hint is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
-                pass
+                raise ConfigError(f"{name} must be a number, got {show(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{name} must be a number, got {show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {show(value)}")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
+            raise ConfigError(f"{name} must be a string, got {show(value)}")
         return value
     raise TypeError(f"unsupported config type {hint} for {name}")  # a bug in this module
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
+            text = key if isinstance(key, str) and len(key) <= 80 else show(key)
+            where = f"{prefix}.{text}" if prefix else text
             raise ConfigError(f"unknown config key {where!r}; allowed: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -383,27 +527,65 @@ def config_to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred lines; anything larger is not one
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: let PyYAML say so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(e: Exception) -> str:
+    """One line for a YAML error: what is wrong and where (PyYAML's own text spans several lines)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def parse_yaml(text: str):
+    """Parse YAML text safely (no tags that build objects, no duplicate keys); raises ValueError with one line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an integer past Python's digit limit
+        raise ValueError(_yaml_error(e)) from None
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.field=value`` strings; values are parsed as YAML scalars/lists."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like section.field=value")
+            raise ConfigError(f"--set {show(item)} must look like section.field=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"--set key {key!r} must look like section.field")
+            raise ConfigError(f"--set key {show(key)} must look like section.field")
         section, name = parts
         sections = {f.name for f in dataclasses.fields(Config)}
         if section not in sections:
-            raise ConfigError(f"unknown config key {key!r}: no section {section!r}; allowed: {sorted(sections)}")
+            raise ConfigError(f"unknown config key {show(key)}: no section {show(section)}; allowed: {sorted(sections)}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+            value = parse_yaml(raw) if raw.strip() else None
+        except ValueError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {show(raw)}: {e}") from None
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
-            raise ConfigError(f"{section} must be a mapping")
+            raise ConfigError(f"{section} must be a mapping, got {show(data[section])}")
         data[section][name] = value
     return data
 
@@ -413,14 +595,29 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict = {}
     if path is not None:
         p = Path(path)
+        where = f"config file {str(p)!r}"
+        if not p.exists():
+            raise ConfigError(f"{where} does not exist")
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"{where} is not a file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{where} cannot be read: {e.strerror or e}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} is {len(raw):,} bytes; a config holds at most {MAX_CONFIG_BYTES:,}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where} is not UTF-8 text (byte {e.start})") from None
+        try:
+            data = parse_yaml(text)
+        except ValueError as e:
+            raise ConfigError(f"{where} is not valid YAML: {e}") from None
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+            raise ConfigError(f"{where} must hold a mapping of sections")
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
@@ -428,12 +625,36 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def make_dirs(path: str | Path) -> Path:
+    """Create ``path`` and its missing parents without group or world write permission, whatever the
+    umask: whoever may write into a run folder decides what a resume reads (docs/cluster.md)."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o755)
+        except FileExistsError:  # created meanwhile by another process: not ours to change
+            continue
+        d.chmod(stat.S_IMODE(d.stat().st_mode) & ~0o022)
+    if not path.is_dir():
+        raise FileExistsError(f"{str(path)!r} exists and is not a folder")
+    return path
+
+
 def save_config(cfg: Config, run_dir: str | Path) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)
+    try:
+        make_dirs(run_dir)
+        tmp.write_text(dump_config(cfg))
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        raise AkodError(f"cannot write {str(path)!r} (run.root {cfg.run.root!r}): {e.strerror or e}") from None
     return path

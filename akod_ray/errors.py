@@ -28,3 +28,25 @@ class TrainingDivergedError(AkodError):
 
 class BrokerTimeoutError(AkodError, TimeoutError):
     """The schedule broker waited longer than its timeout for the other side."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (at most 500 characters), or its type."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:500] if lines else type(e).__name__
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost error behind ``e``: through Ray Train's worker failures, Ray's task errors
+    (their ``cause``) and chained exceptions."""
+    seen = {id(e)}
+    while True:
+        failures = getattr(e, "worker_failures", None)
+        inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+        if inner is None and isinstance(getattr(e, "cause", None), BaseException):
+            inner = e.cause
+        inner = inner or e.__cause__
+        if inner is None or id(inner) in seen:
+            return e
+        seen.add(id(inner))
+        e = inner

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from akod_ray.config import IMAGE_SIZE
 from akod_ray.errors import DataError
 
 SPLITS = ("train", "test")
@@ -50,41 +51,99 @@ def resolve_data_dir(flag: str | None = None, configured: str | None = None, dow
         ) from None
 
 
-def _read_table(path: Path) -> pa.Table:
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The file's table, with its schema checked: a binary ``image`` column and an integer ``label``
+    column without nulls, and at least one row."""
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
+        raise DataError(f"data file {str(path)!r} does not exist" if not path.exists() else f"data file {str(path)!r} is not a file")
     try:
-        table = pq.read_table(path, columns=None)
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
-        raise DataError(f"data file {str(path)!r} is not a readable Parquet file: {e}") from None
-    missing = {"image", "label"} - set(table.column_names)
-    if missing:
-        raise DataError(f"data file {str(path)!r} lacks column(s) {sorted(missing)}")
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"data file {str(path)!r} is not a readable Parquet file: {_first_line(e)}") from None
+    check_schema(path, table.schema)
+    if table.num_rows == 0:
+        raise DataError(f"data file {str(path)!r} has no rows")
+    for name in ("image", "label"):
+        if name in table.column_names and table.column(name).null_count:
+            raise DataError(f"data file {str(path)!r}: column '{name}' has {table.column(name).null_count} null value(s)")
     return table
 
 
-def decode_image(data: bytes, where: str) -> np.ndarray:
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def check_schema(path: Path, schema: pa.Schema) -> None:
+    missing = {"image", "label"} - set(schema.names)
+    if missing:
+        raise DataError(f"data file {str(path)!r} lacks column(s) {sorted(missing)}")
+    image, label = schema.field("image").type, schema.field("label").type
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)):
+        raise DataError(f"data file {str(path)!r}: column 'image' must hold encoded image bytes (binary), got {image}")
+    if not pa.types.is_integer(label):
+        raise DataError(f"data file {str(path)!r}: column 'label' must hold integers, got {label}")
+
+
+def subset_indices(n: int, count: int | None, seed: int) -> np.ndarray | None:
+    """The sorted rows of a seeded random subset of ``count`` of ``n`` rows; None for all of them
+    (rows are sorted by label in CIFAR-10's files, so a prefix would be one class)."""
+    if count is None or count >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values.numpy()
+
+
+def decode_image(data: bytes, where: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] of one encoded image, of ``size`` (width, height) when given."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot decode image: {e}") from None
+            x = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot decode image: {_first_line(e)}") from None
+    if size is not None and x.shape[:2] != (size[1], size[0]):
+        raise DataError(f"{where}: image is {x.shape[1]}x{x.shape[0]}, every image must be {size[0]}x{size[1]}")
+    return x
+
+
+def inspect_split(folder: str | Path, split: str, count: int | None = None, seed: int = 0) -> int:
+    """Check a split the way :func:`load_images` will read it for training, without decoding: the
+    schema, the row count, and the size of every selected image (IMAGE_SIZE square) from its header.
+    Returns the file's row count.
+
+    The driver calls this before Ray starts, so a wrong file fails in one line and not in a worker."""
+    path = Path(folder) / f"{split}.parquet"
+    table = _read_table(path, ["image", "label"])
+    idx = subset_indices(table.num_rows, count, seed)
+    column = table.column("image") if idx is None else table.column("image").take(pa.array(idx))
+    for i, blob in enumerate(column.to_pylist()):
+        row = i if idx is None else int(idx[i])
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                size = im.size
+        except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
+            raise DataError(f"{path}, row {row}: cannot decode image: {_first_line(e)}") from None
+        if size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(f"{path}, row {row}: image is {size[0]}x{size[1]}, every image must be {IMAGE_SIZE}x{IMAGE_SIZE}")
+    return table.num_rows
 
 
 def load_images(folder: str | Path, split: str = "train", count: int | None = None, seed: int = 0,
-                return_labels: bool = False):
-    """uint8 images [N, 3, H, W] of ``split``; ``count`` takes a seeded random subset (rows are
-    sorted by label in CIFAR-10's files, so a prefix would be one class)."""
+                return_labels: bool = False, size: int | None = None):
+    """uint8 images [N, 3, H, W] of ``split``; ``count`` takes a seeded random subset (:func:`subset_indices`).
+
+    Every image must have the size of the first one, or ``size`` x ``size`` when given (training: IMAGE_SIZE)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(folder) / f"{split}.parquet"
     table = _read_table(path)
-    n = table.num_rows
-    if count is not None and count < n:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values.numpy()
+    idx = subset_indices(table.num_rows, count, seed)
+    if idx is not None:
         table = table.take(pa.array(idx))
     blobs = table.column("image").to_pylist()
-    images = np.stack([decode_image(b, f"{path}, row {i}") for i, b in enumerate(blobs)])
+    rows = range(len(blobs)) if idx is None else [int(i) for i in idx]
+    first = decode_image(blobs[0], f"{path}, row {rows[0]}", (size, size) if size else None)
+    hw = (first.shape[1], first.shape[0])
+    images = np.stack([first] + [decode_image(b, f"{path}, row {r}", hw) for b, r in zip(blobs[1:], rows[1:])])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     if return_labels:
         return x, torch.tensor(table.column("label").to_numpy().astype(np.int64))

@@ -79,19 +79,29 @@ def save_schedule(path: str | Path, betas: torch.Tensor, **meta) -> Path:
     return path
 
 
+MAX_SCHEDULE_BYTES = 16 << 20  # betas of T = 100,000 steps (the config's limit) take about 2.5 MB as JSON
+
+
 def load_schedule(path: str | Path, T: int | None = None) -> torch.Tensor:
-    """Read a schedule file written by :func:`save_schedule` and validate it."""
+    """Read a schedule file written by :func:`save_schedule` and validate it (a DataError naming the file)."""
     path = Path(path)
+    where = f"schedule file {str(path)!r}"
     try:
-        data = json.loads(path.read_text())
-        betas = torch.tensor(data["betas"], dtype=torch.float64)
+        if path.stat().st_size > MAX_SCHEDULE_BYTES:
+            raise DataError(f"{where} is larger than {MAX_SCHEDULE_BYTES:,} bytes; a schedule file holds T betas")
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise DataError(f"schedule file {str(path)!r} does not exist") from None
+        raise DataError(f"{where} does not exist") from None
     except OSError as e:  # a folder, no permission, an I/O error
-        raise DataError(f"schedule file {str(path)!r} cannot be read: {e}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"schedule file {str(path)!r} is corrupt: {e}") from None
+        raise DataError(f"{where} cannot be read: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply
+        raise DataError(f"{where} is corrupt: {' '.join(str(e).split()) or type(e).__name__}") from None
+    betas = data.get("betas") if isinstance(data, dict) else None
+    if not isinstance(betas, list) or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+        raise DataError(f"{where} is corrupt: it must be a JSON object whose 'betas' is a list of numbers")
+    if len(betas) < 2:
+        raise DataError(f"{where} is corrupt: it holds {len(betas)} betas, a schedule needs T >= 2")
     try:
-        return validate_betas(betas, T, name=f"schedule file {str(path)!r}")
+        return validate_betas(torch.tensor(betas, dtype=torch.float64), T, name=where)
     except ValueError as e:
         raise DataError(str(e)) from None

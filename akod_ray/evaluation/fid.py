@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ IMPLEMENTATIONS = {
 }
 METRIC_NAMES = {"inception": "FID", "c10": "fid_c10"}
 WEIGHTS_ENV = "AKOD_INCEPTION_WEIGHTS"
+INCEPTION_DIM = 2048
 
 
 # --------------------------------------------------------------------------- statistics
@@ -71,10 +71,15 @@ class FeatureStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), source=np.str_(self.source),
-                     implementation=np.str_(self.implementation))
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), source=np.str_(self.source),
+                         implementation=np.str_(self.implementation))
+            tmp.replace(path)
+        except BaseException:  # leave no half-written statistics behind
+            if tmp.is_file():
+                tmp.unlink()
+            raise
         return path
 
 
@@ -106,10 +111,13 @@ def load_reference_stats(path: str | Path) -> FeatureStats:
     if not path.is_file():
         raise DataError(f"reference statistics {str(path)!r} do not exist; compute them with `akod fid stats`")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with z:
             stats = FeatureStats(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), int(z["n"]),
                                  str(z["source"]), str(z["implementation"]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
         raise DataError(f"reference statistics {str(path)!r} are corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     d = stats.mu.shape
     if len(d) != 1 or stats.sigma.shape != (d[0], d[0]) or stats.n < 2:
@@ -122,6 +130,21 @@ def load_reference_stats(path: str | Path) -> FeatureStats:
     except AkodError:
         raise DataError(f"reference statistics {str(path)!r} name an unknown implementation {stats.implementation!r}") from None
     return stats
+
+
+def check_reference(ref: FeatureStats, path: str | Path, weights: str | Path | None = None) -> None:
+    """Fail before sampling when ``ref`` cannot be compared with what this machine computes: fid_c10
+    statistics of another classifier (another feature width or weights), or missing Inception weights."""
+    if ref.feature == "inception":
+        if ref.mu.shape[0] != INCEPTION_DIM:
+            raise DataError(f"reference statistics {str(path)!r} are corrupt: Inception statistics are {INCEPTION_DIM}-d, "
+                            f"these are {ref.mu.shape[0]}-d")
+        inception_weights_path(weights)
+        return
+    current = c10_implementation(weights=weights)
+    if ref.implementation != current:
+        raise DataError(f"reference statistics {str(path)!r} were computed with {ref.implementation!r}, not with this "
+                        f"installation's {current!r}; recompute them with `akod fid stats --feature c10`")
 
 
 # --------------------------------------------------------------------------- images
@@ -187,13 +210,14 @@ def build_inception(weights: str | Path | None = None, device: str | torch.devic
     from pytorch_fid import inception as pfi
 
     path = inception_weights_path(weights)
+    from akod_ray.training.checkpoint import LOAD_ERRORS, torch_load_error
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net = fid_inception_architecture()
         net.load_state_dict(state)
-    except (RuntimeError, OSError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as e:
-        raise AkodError(f"Inception weights {str(path)!r} are corrupt or not the FID Inception: {str(e).splitlines()[0]}") from None
+    except LOAD_ERRORS as e:
+        raise AkodError(f"Inception weights {str(path)!r} are corrupt or not the FID Inception: {torch_load_error(e)}") from None
     # InceptionV3 builds its trunk with fid_inception_v3(), which downloads; hand it ours instead.
     with mock.patch.object(pfi, "fid_inception_v3", lambda: net):
         model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True)
@@ -351,9 +375,14 @@ def fid_from_checkpoint(checkpoint: str | Path, ref_stats: str | Path, n: int = 
     from akod_ray.training.checkpoint import load_for_sampling
 
     ref = load_reference_stats(ref_stats)
+    check_reference(ref, ref_stats, weights)
     model, process, cfg = load_for_sampling(checkpoint, device)
+    sampler, steps = sampler or cfg.eval.sampler, steps or cfg.eval.ddim_steps
+    if sampler == "ddim" and steps > process.T:
+        raise AkodError(f"--steps must be <= diffusion.T={process.T} of the checkpoint (DDIM takes a subset of its "
+                        f"steps), got {steps}")
     g = torch.Generator(device=device).manual_seed(seed)
-    images = sample(model, process, n, g, sampler=sampler or cfg.eval.sampler,
-                    steps=steps or cfg.eval.ddim_steps, eta=cfg.eval.ddim_eta if eta is None else eta,
+    images = sample(model, process, n, g, sampler=sampler,
+                    steps=steps, eta=cfg.eval.ddim_eta if eta is None else eta,
                     device=device, bf16=cfg.train.bf16, batch_size=batch_size)
     return score(images.cpu(), ref, weights, device=device)

@@ -17,6 +17,11 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_image(x, tmp, nrow=nrow, padding=2, format="png")
-    tmp.replace(path)
+    try:
+        save_image(x, tmp, nrow=nrow, padding=2, format="png")
+        tmp.replace(path)
+    except BaseException:  # a folder in the way, a full disk: leave no half-written grid behind
+        if tmp.is_file():
+            tmp.unlink()
+        raise
     return path

@@ -11,13 +11,15 @@ sample grid of each run. A missing metric shows as "—".
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import statistics as stats_
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from akod_ray.diffusion.schedules import load_schedule
 from akod_ray.errors import DataError
@@ -55,13 +57,39 @@ class Run:
 def arm_name(config: dict) -> str:
     """linear | cosine | akod (k=7) | file, with "+ Min-SNR-5" when diffusion.min_snr_gamma is set."""
     diffusion = config.get("diffusion") or {}
-    schedule = diffusion.get("schedule") or "?"
+    schedule = str(diffusion.get("schedule") or "?")
     name = schedule
     if schedule == "akod":
         name += f" (k={(config.get('dko') or {}).get('kernel_size', '?')})"
-    if diffusion.get("min_snr_gamma") is not None:
-        name += f" + Min-SNR-{diffusion['min_snr_gamma']:g}"
+    gamma = diffusion.get("min_snr_gamma")
+    if gamma is not None:
+        name += f" + Min-SNR-{gamma:g}" if _number(gamma) is not None else f" + Min-SNR-{gamma}"
     return name
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def read_run_config(path: Path, problems: list[str]) -> dict:
+    """A run's config.yaml as plain sections; what cannot be read becomes a problem line, not an error
+    (the report still covers the run's metrics)."""
+    from akod_ray.config import parse_yaml
+
+    try:
+        config = parse_yaml(path.read_bytes().decode("utf-8")) or {}
+    except (OSError, ValueError) as e:
+        problems.append(f"config.yaml unreadable: {' '.join(str(e).split())[:200]}")
+        return {}
+    if not isinstance(config, dict):
+        problems.append("config.yaml is not a mapping")
+        return {}
+    bad = sorted(str(k) for k, v in config.items() if not isinstance(v, dict))
+    if bad:
+        problems.append(f"config.yaml: section(s) {bad} are not mappings (ignored)")
+    return {str(k): v for k, v in config.items() if isinstance(v, dict)}
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -73,13 +101,7 @@ def find_runs(root: str | Path) -> list[Path]:
 def load_run(run_dir: Path, root: Path) -> Run:
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     run = Run(run_dir, name, {}, [])
-    try:
-        run.config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (yaml.YAMLError, OSError) as e:
-        run.problems.append(f"config.yaml unreadable: {str(e).splitlines()[0]}")
-    if not isinstance(run.config, dict):
-        run.problems.append("config.yaml is not a mapping")
-        run.config = {}
+    run.config = read_run_config(run_dir / "config.yaml", run.problems)
     try:
         run.records = read_metrics(run_dir / "metrics.jsonl")
     except DataError as e:
@@ -139,7 +161,7 @@ def choose_target(runs: list[Run], key: str, given: float | None, config_key: st
     """The caller's target, else the runs' eval.<config_key> (when they agree), else the lowest value every run reached."""
     if given is not None:
         return Target(key, float(given), "given")
-    configured = {r.cfg("eval", config_key) for r in runs} - {None}
+    configured = {_number(r.cfg("eval", config_key)) for r in runs} - {None}
     if len(configured) == 1:
         return Target(key, float(configured.pop()), f"eval.{config_key}")
     bests = [min(ys) for r in runs if (ys := series(r.records, key)[1])]
@@ -210,9 +232,42 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
     out = Path(out) if out is not None else root
     md_path = out if out.suffix == ".md" else out / REPORT_NAME
     files = md_path.parent / FILES_DIR
-    files.mkdir(parents=True, exist_ok=True)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{FILES_DIR}.", dir=md_path.parent))  # renamed to files/ at the end
+    staging.chmod(0o755)  # mkdtemp makes it private; a report is for reading
+    try:
+        lines = _report_lines(root, runs, md_path, files, staging, target_ref_loss, target_fid)
+        _publish(staging, files)
+    except BaseException:  # nothing half-written: the plots of a failed report never replace the last ones
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    tmp = md_path.with_name(md_path.name + ".tmp")
+    try:
+        tmp.write_text("\n".join(lines))
+        tmp.replace(md_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return md_path
+
+
+def _publish(staging: Path, files: Path) -> None:
+    """Put the freshly drawn plots in place of the old ones (two renames)."""
+    old = files.with_name(files.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if files.exists():
+        files.rename(old)
+    staging.rename(files)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _report_lines(root: Path, runs: list[Run], md_path: Path, files: Path, staging: Path,
+                  target_ref_loss: float | None, target_fid: float | None) -> list[str]:
+    """The report's Markdown lines; plots are drawn into ``staging`` and linked as they will lie in ``files``."""
 
     def rel(p: Path) -> str:
+        if p.parent == staging:
+            p = files / p.name
         return Path(os.path.relpath(p, md_path.parent)).as_posix()
 
     with_fid = any(series(r.records, "fid")[1] for r in runs)
@@ -276,12 +331,12 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
             continue
         values = [y for runs_ in curves.values() for _, ys in runs_ for y in ys]
         log_y = min(values) > 0 and max(values) > 10 * min(values)  # losses span decades early in training
-        png = plot_metric_vs_time(curves, files / f"{key}_vs_time.png", label, f"{label} vs wall-clock", target, log_y)
+        png = plot_metric_vs_time(curves, staging / f"{key}_vs_time.png", label, f"{label} vs wall-clock", target, log_y)
         lines += [f"![{label} vs wall-clock]({rel(png)})", ""]
 
     lines += ["## Noise schedules", ""]
     learned = {f"{r.name} ({r.arm})": r.schedule for r in runs if r.schedule is not None}
-    png = plot_schedules(learned, files / "schedules.png")
+    png = plot_schedules(learned, staging / "schedules.png")
     what = f"{len(learned)} learned schedule(s)" if learned else "no learned schedule in these runs"
     lines += [f"beta_t and log-SNR_t of {what}, against linear and cosine.", "", f"![noise schedules]({rel(png)})", ""]
 
@@ -294,9 +349,5 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
     problems = [(r.name, p) for r in runs for p in r.problems]
     if problems:
         lines += ["## Problems", ""] + [f"- {name}: {p}" for name, p in problems] + [""]
-
-    tmp = md_path.with_name(md_path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(md_path)
-    return md_path
+    return lines
 

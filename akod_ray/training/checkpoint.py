@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from akod_ray.config import Config, config_from_dict
 from akod_ray.diffusion.process import DiffusionProcess
+from akod_ray.diffusion.schedules import validate_betas
 from akod_ray.errors import CheckpointError, ConfigError
 from akod_ray.models.unet import UNet
 
@@ -44,6 +46,23 @@ def save_state(folder: str | Path, state: dict) -> Path:
     return folder
 
 
+def torch_load_error(e: BaseException) -> str:
+    """The cause of a torch.load failure in one line, without torch's advice to retry with weights_only=False
+    (that would run whatever code the file holds)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        detail = next((line.strip() for line in text.splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line or "global" in line.lower()[:40]), "")
+        return ("it holds Python objects other than tensors and plain data, which are never loaded "
+                f"(weights_only=True){': ' + detail if detail else ''}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, TypeError,
+               AttributeError, IndexError, KeyError, UnicodeDecodeError, RecursionError, MemoryError)
+
+
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint folder or its state.pt; a missing, truncated or corrupt file is a CheckpointError."""
     path = Path(path)
@@ -51,13 +70,22 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {str(file)!r} does not exist")
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols on stderr; the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location=map_location, weights_only=True)
+    except LOAD_ERRORS as e:
+        raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt or truncated: {torch_load_error(e)}") from None
     required = {"model", "ema", "step", "betas", "config"}
     if not isinstance(state, dict) or not required <= set(state):
         missing = sorted(required - set(state)) if isinstance(state, dict) else sorted(required)
         raise CheckpointError(f"checkpoint file {str(file)!r} lacks {missing}")
+    kinds = {"model": dict, "ema": dict, "config": dict, "betas": torch.Tensor}
+    for key, kind in kinds.items():
+        if not isinstance(state[key], kind):
+            raise CheckpointError(f"checkpoint file {str(file)!r}: '{key}' must be a {kind.__name__}, "
+                                  f"got {type(state[key]).__name__}")
+    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"checkpoint file {str(file)!r}: 'step' must be an integer >= 0, got {state['step']!r:.40}")
     return state
 
 
@@ -80,12 +108,27 @@ def config_of(state: dict, where: str = "checkpoint") -> Config:
 def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, DiffusionProcess, Config]:
     """The EMA weights of a checkpoint in a U-Net in eval mode, its diffusion process, and its config."""
     state = load_state(path)
-    cfg = config_of(state, str(path))
+    where = f"checkpoint {str(path)!r}"
+    cfg = config_of(state, where)
+    try:
+        process = DiffusionProcess(validate_betas(state["betas"], cfg.diffusion.T, name="betas"))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     model = UNet(cfg.model)
+    shadow = state["ema"].get("shadow")
+    params = list(model.parameters())
+    if not isinstance(shadow, list) or len(shadow) != len(params):
+        n = len(shadow) if isinstance(shadow, list) else type(shadow).__name__
+        raise CheckpointError(f"{where}: its EMA holds {n} tensors, the model has {len(params)} parameters "
+                              "(sampling uses the EMA weights)")
     try:
         model.load_state_dict(state["model"])
-        for p, s in zip(model.parameters(), state["ema"]["shadow"]):
+        for i, (p, s) in enumerate(zip(params, shadow)):
+            if not isinstance(s, torch.Tensor) or s.shape != p.shape or not torch.is_floating_point(s):
+                raise ValueError(f"EMA tensor {i} does not match the model's parameter of shape {list(p.shape)}")
+            if not torch.isfinite(s).all():
+                raise ValueError(f"EMA tensor {i} holds NaN or inf")
             p.data.copy_(s)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match its config's model: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), DiffusionProcess(state["betas"]), cfg
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where} does not match its config's model: {torch_load_error(e)}") from None
+    return model.to(device).eval(), process, cfg
