@@ -1,16 +1,33 @@
 """`akod` command line: train | sweep | sample | fid | report | data prepare.
 
-Thin: parse, build the config, call one function. A user error (AkodError) prints one
-line naming the field or file and exits with status 2; argparse's own errors do too.
+Thin: parse, build the config, check what the config alone cannot (:mod:`akod_ray.preflight`),
+call one function. A user error (AkodError) prints one line naming the field or file and exits
+with status 2; argparse's own errors do too. Anything else (a bug, or a failure inside Ray that
+is not the user's input) prints one line with its cause and where the full traceback was kept,
+and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
-from akod_ray.errors import AkodError
+from akod_ray.errors import AkodError, one_line, root_cause
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range (non-negative)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage block): ``akod sample: error: ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -19,20 +36,42 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field (repeatable), e.g. --set train.steps=200")
     p.add_argument("--data-dir", help="folder with train.parquet/test.parquet (else data.data_dir, AKOD_DATA_DIR, the cache)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own INFO and WARNING log lines (else errors only)")
 
 
-def _positive_int(text: str) -> int:
+def _int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi:,}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_in(1, 10**9)
+_seed = _int_in(0, MAX_SEED)
+
+
+def _eta(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a number, got {text[:40]!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text[:40]}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="akod", description="Adaptive Kernel Optimized Diffusion on Ray")
+    parser = _Parser(prog="akod", description="Adaptive Kernel Optimized Diffusion on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one arm with Ray Train (DDP workers)")
@@ -45,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a PNG grid from a checkpoint's EMA weights")
     p.add_argument("checkpoint", help="checkpoint folder (checkpoint_XXXXXXXX) or a run folder (its latest)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images")
+    p.add_argument("--n", type=_int_in(1, 65_536), default=64, help="number of images")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (at most the checkpoint's T)")
+    p.add_argument("--eta", type=_eta, default=0.0, help="DDIM eta in [0, 1]")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--schedule", help="schedule file (e.g. a learned schedule.json) instead of the checkpoint's")
     p.add_argument("--device", default="cpu")
 
@@ -66,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inception: pytorch-fid FID; c10: the offline fid_c10")
     p.add_argument("--ref", help="reference statistics .npz")
     p.add_argument("--out", help="where 'akod fid stats' writes the .npz")
-    p.add_argument("--n", type=_positive_int, default=10_000, help="number of samples")
+    p.add_argument("--n", type=_int_in(2, 100_000), default=10_000, help="number of samples")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
     p.add_argument("--steps", type=_positive_int, default=50)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", type=_eta, default=0.0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--inception-weights", help="path to pt_inception-2015-12-05-6726825d.pth (air-gapped clusters)")
     p.add_argument("--data-dir")
     p.add_argument("--device", default="cpu")
@@ -84,7 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from akod_ray.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    args.log_dir = cfg.run_dir  # where a failure's traceback is kept, once the run folder exists
+    return cfg
+
+
+def _console(args, log: Path, runs_dir: Path | None = None):
+    """Ray's forwarded lines go to ``log``, akod's own to the console; all of them with --verbose."""
+    if args.verbose:
+        return contextlib.nullcontext()
+    from akod_ray.console import RayConsole
+
+    return RayConsole(log, runs_dir)
+
+
+def start_ray(cfg) -> None:
+    """Start or join Ray; a failure to start is one line naming the cause, not Ray's traceback."""
+    from akod_ray.training import trainer
+
+    try:
+        trainer.ensure_ray(cfg)
+    except (AkodError, AssertionError):
+        raise
+    except Exception as e:
+        raise AkodError(f"Ray did not start: {one_line(e)}") from None
 
 
 def cmd_train(args) -> int:
@@ -94,9 +156,13 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    from akod_ray.training.trainer import train
+    from akod_ray.preflight import preflight_train
+    from akod_ray.run import train
 
-    last = train(cfg, args.data_dir)
+    preflight_train(cfg, args.data_dir)
+    with _console(args, cfg.run_dir / "ray.log"):
+        start_ray(cfg)
+        last = train(cfg, args.data_dir)
     print(f"[akod] run finished: {cfg.run_dir.resolve()}  (step {last.get('step')}, ref_loss {last.get('ref_loss')})")
     return 0
 
@@ -105,14 +171,46 @@ def cmd_sweep(args) -> int:
     from akod_ray.config import dump_config
 
     cfg = _load(args)
+    args.log_dir = Path(cfg.run.root) / cfg.sweep.name
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
+    from akod_ray.preflight import preflight_sweep
     from akod_ray.sweep.tuner import run_sweep
 
-    out = run_sweep(args.config, args.overrides, args.data_dir, resume=args.resume)
+    preflight_sweep(cfg, args.data_dir)
+    sweep_dir = Path(cfg.run.root) / cfg.sweep.name
+    with _console(args, sweep_dir / "ray.log", sweep_dir / "runs"):
+        out = run_sweep(args.config, args.overrides, args.data_dir, resume=args.resume, start_ray=start_ray,
+                        verbose=args.verbose)
     print(f"[akod] sweep finished; report: {out}")
     return 0
+
+
+def check_device(text: str):
+    """--device: cpu, cuda, cuda:N or mps, and present on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise AkodError(f"--device {text[:40]!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (device.index or 0) >= n:
+            raise AkodError(f"--device {text!r}: this machine has {n} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise AkodError(f"--device {text!r}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise AkodError(f"--device {text!r}: only cpu, cuda[:N] and mps are supported")
+    return device
+
+
+def check_steps(args, T: int) -> None:
+    if args.sampler == "ddim" and args.steps > T:
+        raise AkodError(f"--steps must be <= diffusion.T={T} of the checkpoint (DDIM takes a subset of its steps), "
+                        f"got {args.steps}")
 
 
 def cmd_sample(args) -> int:
@@ -121,54 +219,62 @@ def cmd_sample(args) -> int:
     from akod_ray.diffusion.process import DiffusionProcess
     from akod_ray.diffusion.samplers import sample
     from akod_ray.diffusion.schedules import load_schedule
-    from akod_ray.training.checkpoint import load_for_sampling
+    from akod_ray.preflight import check_output_file
     from akod_ray.reporting.grids import save_grid
+    from akod_ray.training.checkpoint import load_for_sampling
 
-    if not 0.0 <= args.eta <= 1.0:
-        raise AkodError(f"--eta must be in [0, 1], got {args.eta}")
-    model, process, cfg = load_for_sampling(_checkpoint_path(args.checkpoint), args.device)
+    device = check_device(args.device)
+    out = check_output_file(args.out, "--out")
+    model, process, cfg = load_for_sampling(_checkpoint_path(args.checkpoint), device)
     if args.schedule:
         process = DiffusionProcess(load_schedule(args.schedule, cfg.diffusion.T))
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    images = sample(model, process, args.n, g, args.sampler, args.steps, args.eta, args.device)
+    check_steps(args, process.T)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    images = sample(model, process, args.n, g, args.sampler, args.steps, args.eta, device)
     nrow = max(1, int(round(args.n**0.5)))
-    out = save_grid(images, Path(args.out), nrow)
+    try:
+        out = save_grid(images, out, nrow)
+    except OSError as e:
+        raise AkodError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
     print(f"[akod] wrote {args.n} samples ({args.sampler}) to {out}")
     return 0
 
 
 def cmd_data(args) -> int:
     from akod_ray.data.prepare import prepare_cifar10
+    from akod_ray.preflight import check_writable_folder
 
+    check_writable_folder(args.out, "--out")
     try:
         out = prepare_cifar10(args.out)
-    except OSError as e:
-        raise AkodError(f"cannot download CIFAR-10 into {args.out!r}: {e}") from None
+    except (OSError, RuntimeError) as e:  # no network, a refused or corrupt download, a full disk
+        raise AkodError(f"cannot download CIFAR-10 into {args.out!r}: {one_line(e)}") from None
     print(f"[akod] wrote {out / 'train.parquet'} and {out / 'test.parquet'}")
     return 0
 
 
 def cmd_fid(args) -> int:
     from akod_ray.evaluation import fid
+    from akod_ray.preflight import check_output_file
 
     weights = args.inception_weights if args.feature == "inception" else None
+    device = check_device(args.device)
     if args.checkpoint == "stats":
         from akod_ray.config import load_config
         from akod_ray.training.trainer import data_dir_for
 
         if not args.out:
             raise AkodError("akod fid stats needs --out FILE.npz")
+        check_output_file(args.out, "--out")
         data_dir = data_dir_for(load_config(None), args.data_dir)
-        stats = fid.compute_reference_stats(data_dir, args.out, feature=args.feature, weights=weights, device=args.device)
+        stats = fid.compute_reference_stats(data_dir, args.out, feature=args.feature, weights=weights, device=device)
         print(f"[akod] wrote {args.out}: N = {stats.n}, {stats.source}; {stats.implementation}")
         return 0
     if not args.checkpoint or not args.ref:
         raise AkodError("akod fid needs a CHECKPOINT and --ref STATS.npz (or 'akod fid stats --out FILE.npz')")
-    if not 0.0 <= args.eta <= 1.0:
-        raise AkodError(f"--eta must be in [0, 1], got {args.eta}")
     result = fid.fid_from_checkpoint(_checkpoint_path(args.checkpoint), args.ref, n=args.n, seed=args.seed,
                                      sampler=args.sampler, steps=args.steps, eta=args.eta, weights=weights,
-                                     device=args.device)
+                                     device=device)
     print(f"[akod] {result}")
     return 0
 
@@ -188,8 +294,13 @@ def _checkpoint_path(text: str) -> Path:
 
 
 def cmd_report(args) -> int:
+    from akod_ray.preflight import check_output_file, check_writable_folder
     from akod_ray.reporting.report import write_report
 
+    if args.out and Path(args.out).suffix == ".md":
+        check_output_file(args.out, "--out")
+    else:
+        check_writable_folder(args.out or args.path, "--out" if args.out else "report folder")
     out = write_report(args.path, args.out)
     print(f"[akod] report: {out}")
     return 0
@@ -199,16 +310,60 @@ COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "sample": cmd_sample, "data"
             "report": cmd_report}
 
 
+def keep_traceback(e: BaseException, folder: Path | None) -> Path:
+    """Write the full traceback to ``folder/error.log`` (the run folder, when it exists) or a temp file."""
+    text = "".join(traceback.format_exception(e))
+    if folder is not None and Path(folder).is_dir():
+        path = Path(folder) / "error.log"
+        path.write_text(text)
+        return path
+    fd, name = tempfile.mkstemp(prefix="akod-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return Path(name)
+
+
+def report_error(message: str) -> None:
+    print("akod: error: " + " ".join(message.split()), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Run folders (and what Ray writes into them from this process's children) get no group or world
+    # write permission: who may write there decides what a resume reads (docs/cluster.md).
+    umask = os.umask(0o022)
+    os.umask(umask | 0o022)
+    ray_logger_level = os.environ.get("RAY_LOGGER_LEVEL")
     try:
-        return COMMANDS[args.command](args)
-    except AkodError as e:
-        print(f"akod: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("akod: interrupted", file=sys.stderr)
-        return 130
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)
+            return e.code if isinstance(e.code, int) else 2
+        if not getattr(args, "verbose", True):
+            # read when ray is first imported (ray_constants); also quiets the Ray processes this one starts
+            os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
+        try:
+            return COMMANDS[args.command](args)
+        except AkodError as e:
+            report_error(str(e))
+            return 2
+        except KeyboardInterrupt:
+            print("akod: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # a bug, or a failure inside Ray that is not the user's input
+            cause = root_cause(e)
+            if isinstance(cause, AkodError):  # a user error raised inside a Ray worker or trial
+                report_error(str(cause))
+                return 2
+            try:
+                log = f"full traceback in {keep_traceback(e, getattr(args, 'log_dir', None))}"
+            except OSError:
+                log = "the traceback could not be saved"
+            report_error(f"{type(cause).__name__}: {one_line(cause)} ({log})")
+            return 1
+    finally:
+        os.umask(umask)
+        if ray_logger_level is None:
+            os.environ.pop("RAY_LOGGER_LEVEL", None)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """`akod` command line: bad input gives exit status 2 and one clear line; dry-run; sampling.
 
 No Ray here: every error below must be raised before Ray starts (the tests that could reach
-Ray replace ``ensure_ray`` with a tripwire), and the sampled checkpoint is trained with the
-Ray-free loop (LocalEnv) on procedural images.
+Ray replace ``ensure_ray`` with a tripwire); the sampled checkpoints are made by hand
+(tests/checkpoint_helpers.py). The full catalogue of bad inputs is tests/test_bad_inputs.py.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def assert_exit_2(rc: int, err: str, pattern: str) -> None:
 
 
 BAD_OVERRIDES = [
-    ("diffusion.schedule=foo", r"diffusion\.schedule must be one of \('linear', 'cosine', 'akod', 'file'\), got 'foo'"),
+    ("diffusion.schedule=foo", r"diffusion\.schedule must be one of \('linear', 'cosine', 'loglinear', 'akod', 'file'\), got 'foo'"),
     ("model.channels=[0,8,16,16]", r"model\.channels must all be positive, got \(0, 8, 16, 16\)"),
     ("model.bottleneck_channels=-8", r"model\.bottleneck_channels must be a positive multiple of 8, got -8"),
     ("dko.kernel_size=4", r"dko\.kernel_size must be odd and >= 3, got 4"),
@@ -90,7 +90,7 @@ def test_the_real_process_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "akod: error: diffusion.schedule must be one of ('linear', 'cosine', 'akod', 'file'), got 'foo'"]
+        "akod: error: diffusion.schedule must be one of ('linear', 'cosine', 'loglinear', 'akod', 'file'), got 'foo'"]
 
 
 def test_dry_run_prints_yaml_that_reloads_to_the_same_config(capsys, no_ray):
@@ -109,19 +109,13 @@ def test_dry_run_prints_yaml_that_reloads_to_the_same_config(capsys, no_ray):
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    """A run folder with two checkpoints of a width-8 U-Net, trained 4 steps by the Ray-free loop."""
-    import torch
+    """A run folder with two checkpoints of a width-8 U-Net (random weights: sampling needs no training)."""
+    from checkpoint_helpers import make_checkpoint
 
-    from test_train_local import tiny_config, train_local
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = tiny_config(tmp_path_factory.mktemp("runs"), "sample", steps=4, ckpt_every=2)
-        train_local(cfg)
-    finally:
-        torch.set_num_threads(before)
-    return cfg.run_dir
+    run = tmp_path_factory.mktemp("runs") / "sample"
+    make_checkpoint(run, step=2)
+    make_checkpoint(run, step=4)
+    return run
 
 
 def test_sample_writes_a_png_grid_of_the_right_size(capsys, local_run, tmp_path):
@@ -165,12 +159,10 @@ def test_sample_from_a_folder_without_checkpoints_exits_2(capsys, tmp_path):
 
 
 def test_sample_with_a_bad_flag_value_exits_2(capsys, local_run, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        main(["sample", str(local_run), "--out", str(tmp_path / "x.png"), "--n", "0"])
-    assert info.value.code == 2
+    rc = main(["sample", str(local_run), "--out", str(tmp_path / "x.png"), "--n", "0"])
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == "akod sample: error: argument --n: must be >= 1, got 0"
-    assert "Traceback" not in err
+    assert rc == 2
+    assert err.splitlines() == ["akod sample: error: argument --n: must be >= 1, got 0"]  # one line, no usage block
 
 
 @pytest.fixture
@@ -244,3 +236,95 @@ def test_val_size_below_the_worker_count_exits_2(capsys, no_ray, tmp_path):
     rc, out, err = run_main(capsys, ["train", TINY, "--set", f"run.root={tmp_path}", "--set", "data.val_size=1",
                                      "--set", "train.num_workers=2"])
     assert_exit_2(rc, err, r"data\.val_size must be >= train\.num_workers=2 .*, got 1")
+
+
+# ----------------------------------------------------------------- the console while Ray runs
+
+
+def test_ray_console_shows_akod_lines_named_by_trial_and_keeps_the_rest(tmp_path, capsys):
+    import sys
+
+    from akod_ray.console import RayConsole
+
+    runs = tmp_path / "sweep" / "runs"
+    (runs / "akod_k7_s0-1a2b3c4d" / "workers").mkdir(parents=True)
+    (runs / "akod_k7_s0-1a2b3c4d" / "workers" / "rank0.pid").write_text("4242")
+    log = tmp_path / "sweep" / "ray.log"
+    forwarded = [
+        "\x1b[36m(RayTrainWorker pid=4242)\x1b[0m [akod] step 100/300 loss 0.1000",
+        "\x1b[36m(TrainController pid=17)\x1b[0m Requesting resources: {'CPU': 1} * 1",
+        "\x1b[36m(RayTrainWorker pid=4242, ip=10.0.0.2)\x1b[0m Traceback (most recent call last):",
+        "(raylet) some raylet line",
+        "\x1b[36m(RayTrainWorker pid=999)\x1b[0m [akod] step 5/10 loss 0.2",
+        "\x1b[36m(TrainController pid=17)\x1b[0m [FailurePolicy] RETRY",
+    ]
+    with RayConsole(log, runs):
+        print("\n".join(forwarded))
+        print("[akod] the driver's own line")
+        print(forwarded[0], file=sys.stderr)  # Ray Train echoes worker stdout on stderr: not shown twice
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["(akod_k7_s0) [akod] step 100/300 loss 0.1000", "[akod] step 5/10 loss 0.2",
+                                "[FailurePolicy] RETRY", "[akod] the driver's own line"]
+    assert err == ""
+    assert log.read_text().splitlines() == forwarded + [forwarded[0]]
+
+
+def test_ray_console_of_a_single_run_drops_the_prefix(tmp_path, capsys):
+    from akod_ray.console import RayConsole
+
+    with RayConsole(tmp_path / "run" / "ray.log"):
+        print("\x1b[36m(RayTrainWorker pid=7)\x1b[0m [akod] resumed from the checkpoint at step 40")
+    assert capsys.readouterr().out == "[akod] resumed from the checkpoint at step 40\n"
+
+
+def test_run_folders_get_no_group_or_world_write_permission(tmp_path):
+    import os
+    import stat
+
+    from akod_ray.config import load_config, save_config
+
+    before = os.umask(0)
+    try:
+        path = save_config(load_config(None), tmp_path / "root" / "sweep" / "runs" / "r1")
+    finally:
+        os.umask(before)
+    for folder in (tmp_path / "root", tmp_path / "root" / "sweep", path.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0, folder
+
+
+def test_a_failure_that_is_not_the_users_is_one_line_with_the_traceback_kept(capsys, monkeypatch, tmp_path):
+    import akod_ray.cli as cli
+
+    def broken(args):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", broken)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    rc, out, err = run_main(capsys, ["report", str(tmp_path)])
+    assert rc == 1
+    [line] = err.splitlines()
+    log = tmp_path / line.rsplit("full traceback in ", 1)[1].rstrip(")")
+    assert line.startswith("akod: error: ZeroDivisionError: division by zero (full traceback in ")
+    assert "Traceback (most recent call last)" in log.read_text()
+
+
+def test_root_cause_goes_through_worker_failures_and_causes():
+    from akod_ray.errors import DataError, root_cause
+
+    class WorkerFailed(Exception):
+        def __init__(self, inner):
+            super().__init__("Training failed")
+            self.worker_failures = {0: inner}
+
+    class TaskError(Exception):
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    inner = DataError("data file 'x' has no rows")
+    assert root_cause(WorkerFailed(TaskError(inner))) is inner
+    plain = ValueError("x")
+    assert root_cause(plain) is plain

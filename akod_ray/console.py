@@ -1,0 +1,115 @@
+"""A console a person can read while Ray runs.
+
+Ray forwards every line its processes print to the driver's stdout and stderr, prefixed with
+the process (``(RayTrainWorker pid=123) ...``): worker group set-up, placement groups, and a
+failing worker's whole traceback. :class:`RayConsole` keeps all of them, unchanged, in a log
+file in the run (or sweep) folder and shows on the console only akod's own lines (``[akod]
+step ...``), with the Ray prefix replaced by the trial's name (``(akod_k7_s0) [akod] step ...``)
+in a sweep and dropped for a single run, and Ray Train's one-line restart decisions
+(``[FailurePolicy] RETRY``). ``akod train|sweep --verbose`` shows everything.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import TextIO
+
+# "(RayTrainWorker pid=12, ip=10.0.0.2) message", possibly wrapped in ANSI colour codes
+FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:(?P<name>[\w.:-]+) )?pid=(?P<pid>\d+)[^)]*\)(?:\x1b\[[0-9;]*m)* ?(?P<msg>.*)$",
+                       re.DOTALL)
+RAY_PROCESS = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|gcs_server|autoscaler|monitor)[^)]*\)")
+OWN_LINE = "[akod]"  # rank 0's progress, resume and fid_c10 lines (on the workers' stdout)
+RESTART_LINE = "[FailurePolicy]"  # Ray Train's decision after a worker failure (RETRY / RAISE): worth seeing
+
+
+class _Filter:
+    """A text stream that passes the driver's own lines and sorts the lines Ray forwarded."""
+
+    def __init__(self, console: "RayConsole", stream: TextIO, shows_own_lines: bool):
+        self.console, self.stream, self.pending = console, stream, ""
+        self.shows_own_lines = shows_own_lines
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            shown = self.console.route(line, self.shows_own_lines)
+            if shown is not None:
+                self.stream.write(shown + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+class RayConsole:
+    """Context manager: while active, sys.stdout and sys.stderr sort Ray's forwarded lines.
+
+    ``log_path``: where every forwarded line goes (created at the first one). ``runs_dir``: a
+    sweep's run folders, whose ``workers/rank<r>.pid`` files map a worker's pid to its trial;
+    None for a single run (the prefix is dropped)."""
+
+    def __init__(self, log_path: Path, runs_dir: Path | None = None):
+        self.log_path, self.runs_dir = Path(log_path), runs_dir
+        self.names: dict[str, str] = {}
+        self.log: TextIO | None = None
+        self.forwarded = 0
+
+    def __enter__(self) -> "RayConsole":
+        self.saved = sys.stdout, sys.stderr
+        # Ray Train echoes a worker's stdout on stderr too: akod's lines are shown from stdout only
+        sys.stdout, sys.stderr = _Filter(self, sys.stdout, True), _Filter(self, sys.stderr, False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, _Filter) and stream.pending:
+                stream.write("\n")
+        sys.stdout, sys.stderr = self.saved
+        if self.log is not None:
+            self.log.close()
+
+    def route(self, line: str, show_own: bool = True) -> str | None:
+        """The line to show for ``line`` (None: only logged)."""
+        m = FORWARDED.match(line)
+        if m is None and not RAY_PROCESS.match(line):
+            return line  # the driver's own line
+        self._keep(line)
+        if m is None:
+            return None
+        msg = m.group("msg")
+        if msg.startswith(RESTART_LINE):
+            return msg
+        if not show_own or not msg.startswith(OWN_LINE):
+            return None
+        name = self._trial(m.group("pid"))
+        return f"({name}) {m.group('msg')}" if name else m.group("msg")
+
+    def _keep(self, line: str) -> None:
+        self.forwarded += 1
+        try:
+            if self.log is None:
+                from akod_ray.config import make_dirs
+
+                make_dirs(self.log_path.parent)
+                self.log = self.log_path.open("a")
+            self.log.write(line + "\n")
+            self.log.flush()
+        except OSError:
+            pass  # the log is a convenience; never fail a run for it
+
+    def _trial(self, pid: str) -> str | None:
+        if self.runs_dir is None:
+            return None
+        if pid not in self.names:
+            for path in Path(self.runs_dir).glob("*/workers/rank*.pid"):
+                try:
+                    self.names[path.read_text().strip()] = path.parent.parent.name.rsplit("-", 1)[0]
+                except OSError:
+                    continue
+        return self.names.get(pid)
