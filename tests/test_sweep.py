@@ -4,6 +4,7 @@ and AKOD, one table row per trial), and resume after the driver is killed."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from akod_ray.config import load_config
 from akod_ray.sweep.trial import point_name, search_space, trial_config
@@ -57,7 +59,7 @@ def test_sweep_table_has_one_row_per_trial(tmp_path):
 
 def _sweep_cmd(root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "akod_ray", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
-            "--set", f"run.root={root}", "--set", "run.dashboard=false", "--set", "sweep.arms=[linear,cosine,akod]",
+            "--set", f"run.root={root}", "--set", "run.dashboard=false", "--set", "sweep.arms=[baseline,cosine,akod]",
             "--set", "sweep.budget=2400", "--set", "sweep.max_concurrent_trials=1", "--set", "train.log_every=25",
             "--set", "train.ckpt_every=25", "--set", "eval.fid_samples=64", "--set", "data.train_subset=1024", *extra]
 
@@ -106,7 +108,7 @@ def test_smoke_sweep_survives_driver_kill_and_resumes(tmp_path):
     assert (first / "metrics.jsonl").read_text() == first_metrics, "a finished trial was rerun"
     assert sorted(p.name for p in first.glob("checkpoint_*")) == first_ckpts
     rows = list(csv.DictReader((sweep_dir / "sweep_table.csv").open()))
-    assert sorted(r["arm"] for r in rows) == ["akod", "cosine", "linear"]
+    assert sorted(r["arm"] for r in rows) == ["akod", "baseline", "cosine"]
     for r in rows:
         assert int(float(r["step"])) == steps
         assert 0 < float(r["ref_loss"]) < 1.0
@@ -114,3 +116,107 @@ def test_smoke_sweep_survives_driver_kill_and_resumes(tmp_path):
     akod_run = next(p for p in runs.iterdir() if p.name.startswith("akod_k7_s0"))
     assert (akod_run / "schedule.json").is_file()
     assert (sweep_dir / "report.md").is_file() and "akod" in (sweep_dir / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- resume without Tune's pickles
+
+RESUME_BASE = {
+    "run": {"num_cpus": 2, "dashboard": False},
+    "diffusion": {"T": 100},
+    "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
+              "dropout": 0.0},
+    "dko": {"num_knots": 4},
+    "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
+    "train": {"batch_size": 8, "log_every": 4, "ckpt_every": 4, "sample_every": 8, "val_batch": 8, "ref_grid": 2,
+              "cpus_per_worker": 1},
+    "eval": {"ddim_steps": 4, "grid_size": 2, "fid_samples": 8},
+    "sweep": {"name": "resume", "arms": ["baseline", "cosine"], "budget": 64, "max_concurrent_trials": 1},
+}
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that a resume ran code from a file in the run folder."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_payloads(sweep_dir: Path, marker: Path) -> list[Path]:
+    """A payload in every place a Tune restore reads: tuner.pkl, the experiment state (a cloudpickle
+    fallback inside the JSON) and each Tune trial's params.pkl."""
+    import pickle
+
+    blob = pickle.dumps(Payload(marker))
+    planted = [sweep_dir / "tuner.pkl"]
+    planted[0].write_bytes(blob)
+    state = sweep_dir / "experiment_state-2099-01-01_00-00-00.json"
+    state.write_text(json.dumps({"trial_data": [[{"_type": "CLOUDPICKLE_FALLBACK", "value": blob.hex()}, {}]],
+                                 "runner_data": {"_type": "CLOUDPICKLE_FALLBACK", "value": blob.hex()}}))
+    planted.append(state)
+    for params in sweep_dir.glob("*/params.pkl"):
+        params.write_bytes(blob)
+        planted.append(params)
+    return planted
+
+
+def test_plan_reads_only_the_projects_own_state(tmp_path):
+    """The resume plan comes from run folders and summaries; a payload planted in Tune's files is never read."""
+    from akod_ray.config import config_from_dict
+    from akod_ray.sweep.tuner import plan_trials, write_summary
+
+    cfg = config_from_dict(RESUME_BASE)
+    runs = tmp_path / "runs"
+    finished, started = runs / "baseline_s0-aaaa1111", runs / "cosine_s0-bbbb2222"
+    finished.mkdir(parents=True)
+    write_summary(finished, {"arm": "baseline", "ref_loss": 0.5})
+    (started / "checkpoint_00000004").mkdir(parents=True)
+    (runs / "cosine_s0-cccc3333").mkdir()  # an older attempt without checkpoints
+    (runs / "cosine_s0-../x").mkdir(parents=True)  # not a run id: ignored
+    plant_payloads(tmp_path, tmp_path / "payload_ran")
+    done, todo = plan_trials(cfg, runs)
+    assert [(r["trial"], r["ref_loss"]) for r in done] == [("baseline_s0", 0.5)]
+    assert todo == [{"point": {"arm": "cosine", "kernel_size": None, "seed": 0}, "run_id": "bbbb2222"}]
+    assert not (tmp_path / "payload_ran").exists()
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")] if p.is_dir()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_resume_never_runs_a_payload_planted_in_tune_state(tmp_path):
+    cfg_path = tmp_path / "resume.yaml"
+    cfg_path.write_text(yaml.safe_dump(RESUME_BASE))
+    cmd = [sys.executable, "-m", "akod_ray", "sweep", str(cfg_path), "--set", f"run.root={tmp_path}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    sweep_dir, runs = tmp_path / "resume", tmp_path / "resume" / "runs"
+
+    # 1. A whole sweep, run with a permissive umask: the folders it creates still get no group/world write bit.
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                           preexec_fn=lambda: os.umask(0))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    kept, redo = sorted(runs.iterdir())  # baseline_s0-<id>, cosine_s0-<id>
+    assert (kept / "summary.json").is_file() and (redo / "summary.json").is_file()
+    writable = {k: oct(m) for k, m in _modes(sweep_dir).items() if m & 0o022}
+    assert not writable, f"group/world-writable folders: {writable}"
+
+    # 2. The cosine trial counts as unfinished again; every file a Tune restore would unpickle holds a payload.
+    (redo / "summary.json").unlink()
+    kept_metrics = (kept / "metrics.jsonl").read_text()
+    marker = tmp_path / "payload_ran"
+    planted = plant_payloads(sweep_dir, marker)
+    assert len(planted) >= 4  # tuner.pkl, the experiment state, and both trials' params.pkl
+
+    # 3. Resume: the payload never runs, the finished trial is kept, the other one finishes in its own run folder.
+    second = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert not marker.exists(), "a payload planted in Tune's state ran on resume"
+    assert (kept / "metrics.jsonl").read_text() == kept_metrics, "a finished trial was rerun"
+    assert (redo / "summary.json").is_file() and sorted(runs.iterdir()) == [kept, redo]
+    rows = list(csv.DictReader((sweep_dir / "sweep_table.csv").open()))
+    assert sorted((r["arm"], r["schedule"], r["step"]) for r in rows) == [("baseline", "linear", "8"), ("cosine", "cosine", "8")]

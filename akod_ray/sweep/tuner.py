@@ -2,24 +2,40 @@
 
 Each trial takes one unit of the custom resource TRAIN_DRIVER and no CPU, so that its Ray
 Train workers get the CPUs or GPUs; max_concurrent_trials is what the cluster can feed.
+
+Resume never reads Tune's own state (``tuner.pkl``, ``experiment_state-*.json``, a trial's
+``params.pkl``): those are pickles, and unpickling a file runs whatever code it names. A sweep
+resumes from what this project writes and reads without running code: the sweep's
+``config.yaml`` (safe YAML), each trial's run folder ``runs/<arm>[_k<k>]_s<seed>-<run id>/``
+with its ``summary.json`` once the trial finished, and its Train checkpoints (read with
+``torch.load(weights_only=True)``). Finished trials are kept; every other trial runs again in a
+fresh Tune experiment under its old run id, so its Train run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import re
+import secrets
 from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from akod_ray.config import Config, config_to_dict, load_config, save_config
-from akod_ray.errors import AkodError
-from akod_ray.sweep.trial import make_trial_fn, point_name, search_space
+from akod_ray.config import Config, config_from_dict, config_to_dict, load_config, save_config, show
+from akod_ray.errors import AkodError, ConfigError, one_line, root_cause
+from akod_ray.sweep.trial import point_name, search_space, summarize, trial_config
 from akod_ray.training.trainer import data_dir_for, ensure_ray
 
-TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "step", "wall_s", "ref_loss", "fid_c10", "fid_c10_n",
-                 "time_to_ref_loss_s", "time_to_fid_c10_s"]
+TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "schedule", "msfi", "beta_modulation", "min_snr_gamma", "step",
+                 "wall_s", "ref_loss", "fid_c10", "fid_c10_n", "time_to_ref_loss_s", "time_to_fid_c10_s"]
+SUMMARY_FILE = "summary.json"  # a finished trial's final numbers, in its run folder
+RUN_ID = re.compile(r"[A-Za-z0-9_]{1,40}")  # the run id after "<point name>-" in a run folder's name
+# Fields a resume may change: where Ray runs and how many trials run at once, not what a trial computes.
+RESUMABLE_CHANGES = ("run.", "sweep.max_concurrent_trials")
 
 
 def concurrent_trials(cfg: Config) -> int:
@@ -41,55 +57,149 @@ def _cell(v) -> str:
 
 
 def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
-    """The sweep table, one row per trial, as CSV and Markdown."""
+    """The sweep table, one row per trial, as CSV and Markdown (each written to a temporary name and renamed)."""
     rows = sorted(rows, key=lambda r: (str(r.get("arm")), r.get("kernel_size") or 0, r.get("seed") or 0))
     csv_path, md_path = sweep_dir / "sweep_table.csv", sweep_dir / "sweep_table.md"
-    with csv_path.open("w", newline="") as f:
+    csv_tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with csv_tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, TABLE_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    csv_tmp.replace(csv_path)
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in TABLE_COLUMNS) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    md_tmp = md_path.with_name(md_path.name + ".tmp")
+    md_tmp.write_text("\n".join(lines) + "\n")
+    md_tmp.replace(md_path)
     return csv_path, md_path
 
 
-def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str | None = None, resume: bool = False) -> Path:
-    """Run (or resume) the sweep; returns the path of its Markdown report."""
+# --------------------------------------------------------------------------- trials
+
+
+def sweep_trial_fn(base_dict: dict, run_root: str, data_dir: str | None):
+    """The Tune trainable: one arm, in the run folder named by the trial's ``run_id`` (chosen by the
+    sweep, not by Tune, so that a resumed sweep finds it); a finished trial leaves ``summary.json``."""
+
+    def akod_trial(config: dict) -> None:
+        from akod_ray.run import train
+
+        point, run_id = config["trial"]["point"], config["trial"]["run_id"]
+        cfg = trial_config(config_from_dict(base_dict), point, run_root, run_id)
+        train(cfg, data_dir, run_id=run_id, callbacks=[TuneReportCallback()])
+        summary = summarize(cfg, point)
+        write_summary(cfg.run_dir, summary)
+        tune.report(summary)
+
+    return akod_trial
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    path = Path(run_dir) / SUMMARY_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary))
+    tmp.replace(path)
+    return path
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A finished trial's summary, or None (not finished, or unreadable: the trial then runs again)."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _latest_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if p.name.split("_")[1].isdigit()]
+    return max(steps, default=-1)
+
+
+def plan_trials(cfg: Config, runs_dir: Path) -> tuple[list[dict], list[dict]]:
+    """From the run folders alone: (rows of the finished trials, Tune params of the trials still to run).
+
+    A point whose run folder holds a summary is finished; otherwise it runs under the run id of its
+    folder with the latest checkpoint (its Train run resumes there), or under a new id."""
+    done, todo = [], []
+    for point in search_space(cfg):
+        name = point_name(point)
+        folders = [p for p in runs_dir.glob(f"{name}-*") if p.is_dir() and RUN_ID.fullmatch(p.name[len(name) + 1:])]
+        summaries = [(p, s) for p in sorted(folders) if (s := read_summary(p)) is not None]
+        if summaries:
+            folder, summary = summaries[0]
+            done.append(dict(summary, trial=name, run_dir=str(folder)))
+            continue
+        folders.sort(key=lambda p: (_latest_step(p), p.stat().st_mtime))
+        run_id = folders[-1].name[len(name) + 1:] if folders else secrets.token_hex(4)
+        todo.append({"point": point, "run_id": run_id})
+    return done, todo
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def resume_config(cfg: Config, sweep_dir: Path) -> Config:
+    """The config the sweep was started with (its config.yaml, safe YAML), after checking that ``cfg``
+    asks for the same trials; run.* and sweep.max_concurrent_trials may change between attempts."""
+    saved_path = sweep_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise AkodError(f"no sweep to resume in {str(sweep_dir)!r} (it has no config.yaml); run without --resume first")
+    try:
+        saved = load_config(saved_path)
+    except ConfigError as e:
+        raise AkodError(f"cannot resume the sweep in {str(sweep_dir)!r}: {e}") from None
+    now, then = _flat(config_to_dict(cfg)), _flat(config_to_dict(saved))
+    for key in sorted(set(now) | set(then)):
+        if now.get(key) != then.get(key) and not key.startswith(RESUMABLE_CHANGES):
+            raise ConfigError(f"{key} is {show(now.get(key))} but the sweep in {str(sweep_dir)!r} was started with "
+                              f"{show(then.get(key))}; resume with the same config, or set sweep.name to start another")
+    d = config_to_dict(saved)
+    d["run"] = config_to_dict(cfg)["run"]
+    d["sweep"]["max_concurrent_trials"] = cfg.sweep.max_concurrent_trials
+    return config_from_dict(d)
+
+
+def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str | None = None, resume: bool = False,
+              start_ray=ensure_ray, verbose: bool = True) -> Path:
+    """Run (or resume) the sweep; returns the path of its Markdown report. ``start_ray(cfg)`` starts or
+    joins Ray once it is needed (not when a resume finds every trial finished); without ``verbose``
+    Tune prints no status tables (the trials' own progress lines say enough)."""
     cfg = load_config(config_path, overrides)
     data_dir = data_dir_for(cfg, data_dir_flag)
     root = Path(cfg.run.root).resolve()
     sweep_dir = root / cfg.sweep.name
-    run_root = str(sweep_dir / "runs")
-    ensure_ray(cfg)
-    trainable = tune.with_resources(make_trial_fn(config_to_dict(cfg), run_root, data_dir), {"CPU": 0, "TRAIN_DRIVER": 1})
+    runs_dir = sweep_dir / "runs"
     if resume:
-        if not tune.Tuner.can_restore(str(sweep_dir)):
-            raise AkodError(f"no sweep to resume in {str(sweep_dir)!r}; run without --resume first")
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True, restart_errored=False)
-    else:
-        if tune.Tuner.can_restore(str(sweep_dir)):
-            raise AkodError(f"sweep folder {str(sweep_dir)!r} already holds a sweep; pass --resume to continue it "
-                            "or set sweep.name to start another")
+        cfg = resume_config(cfg, sweep_dir)
+    elif (sweep_dir / "config.yaml").exists() or tune.Tuner.can_restore(str(sweep_dir)):
+        raise AkodError(f"sweep folder {str(sweep_dir)!r} already holds a sweep; pass --resume to continue it "
+                        "or set sweep.name to start another")
+    done, todo = plan_trials(cfg, runs_dir)
+    if not resume:
         save_config(cfg, sweep_dir)
-        points = search_space(cfg)
-        tuner = tune.Tuner(
+    rows = list(done)
+    if todo:
+        start_ray(cfg)
+        trainable = tune.with_resources(sweep_trial_fn(config_to_dict(cfg), str(runs_dir), data_dir),
+                                        {"CPU": 0, "TRAIN_DRIVER": 1})
+        tuner = tune.Tuner(  # always a fresh experiment: Tune's pickled state of an earlier attempt is never read
             trainable,
-            param_space={"point": tune.grid_search(points)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(cfg)),
-            run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(root),
+            param_space={"trial": tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(cfg), trial_name_creator=trial_name,
+                                        trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(root), verbose=None if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    grid = tuner.fit()
-    rows = []
-    for result in grid:
-        m = dict(result.metrics or {})
-        point = (result.config or {}).get("point", {})
-        m.setdefault("arm", point.get("arm"))
-        m["trial"] = point_name(point) if point else m.get("trial_id")
-        if result.error is not None:
-            m["error"] = str(result.error).splitlines()[0][:200]
-        rows.append(m)
+        rows += [_row(result) for result in tuner.fit()]
     write_table(rows, sweep_dir)
     from akod_ray.reporting.report import write_report
 
@@ -99,3 +209,24 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
         raise AkodError(f"{len(errors)} of {len(rows)} trials failed (first: {errors[0]['trial']}: {errors[0]['error']}); "
                         f"table and report in {sweep_dir}")
     return report
+
+
+def trial_name(trial) -> str:
+    """Tune's name of a trial: its point (akod_k7_s0), as in the run folders and the table."""
+    return point_name(trial.config["trial"]["point"])
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial_name(trial)}_{trial.trial_id}"
+
+
+def _row(result) -> dict:
+    """A table row from a Tune result: the trial's summary, or its error in one line."""
+    m = dict(result.metrics or {})
+    point = ((result.config or {}).get("trial") or {}).get("point") or {}
+    m.setdefault("arm", point.get("arm"))
+    m["trial"] = point_name(point) if point else m.get("trial_id")
+    if result.error is not None:
+        cause = root_cause(result.error)
+        m["error"] = (str(cause) if isinstance(cause, AkodError) else f"{type(cause).__name__}: {one_line(cause)}")[:300]
+    return m
