@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -91,13 +89,14 @@ def load_feature_net(path: str | Path | None = None, device: str | torch.device 
             f"fid_c10 classifier weights {str(path)!r} do not exist; train them with "
             "`python -m akod_ray.evaluation.train_classifier --data-dir DIR --out PATH`"
         )
+    from akod_ray.training.checkpoint import LOAD_ERRORS, torch_load_error
+
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         net = C10FeatureNet(width=int(blob["width"]))
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
-        raise CheckpointError(f"fid_c10 classifier weights {str(path)!r} are corrupt: {str(e).splitlines()[0]}") from None
+    except LOAD_ERRORS as e:
+        raise CheckpointError(f"fid_c10 classifier weights {str(path)!r} are corrupt: {torch_load_error(e)}") from None
     # Statistics name the weights they were computed with, so that fid_c10 values of different
     # classifiers never get compared.
     net.weights_id = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
