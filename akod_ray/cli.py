@@ -36,7 +36,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field (repeatable), e.g. --set train.steps=200")
     p.add_argument("--data-dir", help="folder with train.parquet/test.parquet (else data.data_dir, AKOD_DATA_DIR, the cache)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--verbose", action="store_true", help="show Ray's own INFO and WARNING log lines (else errors only)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's log lines and all its processes print (else: akod's own lines; the rest in ray.log)")
 
 
 def _int_in(lo: int, hi: int):
@@ -143,7 +144,7 @@ def start_ray(cfg) -> None:
 
     try:
         trainer.ensure_ray(cfg)
-    except (AkodError, AssertionError):
+    except (AkodError, AssertionError):  # a user error, or a bug: not Ray failing to start
         raise
     except Exception as e:
         raise AkodError(f"Ray did not start: {one_line(e)}") from None
