@@ -104,7 +104,7 @@ def run_akod(root: Path, name: str, steps: int, segment_steps: int) -> dict:
     # PPO's own time: wrap algo.train (it includes waiting for the workers' rewards) and keep
     # RLlib's timers of each iteration.
     ppo_calls: list[dict] = []
-    build_ppo, restore_algorithm = driver.build_ppo, driver.restore_algorithm
+    build_ppo = driver.build_ppo
 
     def wrap(algo):
         train = algo.train
@@ -119,7 +119,6 @@ def run_akod(root: Path, name: str, steps: int, segment_steps: int) -> dict:
         return algo
 
     driver.build_ppo = lambda *a, **k: wrap(build_ppo(*a, **k))
-    driver.restore_algorithm = lambda *a, **k: wrap(restore_algorithm(*a, **k))
     original_worker = wl.train_worker
     wl.train_worker = bench_train_worker  # build_trainer imports it at call time
     t0 = time.perf_counter()
@@ -128,11 +127,13 @@ def run_akod(root: Path, name: str, steps: int, segment_steps: int) -> dict:
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         ray_init_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        last = driver.train_akod(cfg)
+        from akod_ray.training.trainer import data_dir_for
+
+        last = driver.train_akod(cfg, data_dir_for(cfg, None))
         train_akod_s = time.perf_counter() - t1
     finally:
         wl.train_worker = original_worker
-        driver.build_ppo, driver.restore_algorithm = build_ppo, restore_algorithm
+        driver.build_ppo = build_ppo
         ray.shutdown()
     end_to_end_s = time.perf_counter() - t0
 

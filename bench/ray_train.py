@@ -96,7 +96,7 @@ def run_plain(cfg) -> float:
 def run_ray(cfg) -> float:
     import ray
 
-    from akod_ray.training.trainer import train
+    from akod_ray.run import train
 
     t = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -162,7 +162,7 @@ def test_the_paper_reward_can_be_gamed_and_the_reference_reward_cannot(cifar_dir
     from akod_ray.diffusion.process import DiffusionProcess
     from akod_ray.diffusion.schedules import fixed_schedule
     from akod_ray.models.unet import UNet
-    from akod_ray.training.akod_source import reward_from
+    from akod_ray.rl.reward import reward_from
     from akod_ray.training.loop import reference_process
     from akod_ray.training.step import ReferenceProtocol, StepOptions, make_optimizer, schedule_loss, train_step
 
@@ -210,9 +210,12 @@ def test_the_paper_reward_can_be_gamed_and_the_reference_reward_cannot(cifar_dir
         gs = torch.Generator().manual_seed(seed + 7)
         for x in seg_batches:
             train_step(m, process, [x], o, StepOptions(), gs)
-        result[name] = {"ref_loss": ref.loss(m), "paper_loss": schedule_loss(m, process, val)}
+        result[name] = {"score_loss": ref.loss(m), "ref_loss": ref.loss(m), "paper_loss": schedule_loss(m, process, val),
+                        "before_loss": ref.loss(model)}
     paper = {k: reward_from(r, "paper") for k, r in result.items()}
     reference = {k: reward_from(r, "reference") for k, r in result.items()}
+    improvement = {k: reward_from(r, "improvement") for k, r in result.items()}
+    assert sorted(improvement, key=improvement.get) == sorted(reference, key=reference.get)  # same start: same ranking
     print("paper reward", paper, "reference reward", reference)
 
     # the paper reward prefers the degenerate schedule by a wide margin ...

@@ -56,7 +56,7 @@ def test_next_request_returns_none_on_timeout():
     c = client("idle")
     t0 = time.monotonic()
     assert c.next_request(0.3) is None
-    assert 0.25 <= time.monotonic() - t0 < 3.0
+    assert 0.25 <= time.monotonic() - t0 < 20.0  # returns (not blocks); generous for a loaded box
 
 
 def test_wait_without_workers_fails_within_the_timeout():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +15,9 @@ from akod_ray.diffusion.dko import (
     OBS_DIM,
     KnotScheduleBuilder,
     betas_from_logsnr,
-    dko_observation,
+    DKOContext,
+    DKOObserver,
+    learned_schedule,
     gaussian_kernel,
     knot_positions,
     local_variance,
@@ -303,8 +306,75 @@ def test_dko_mlp_starts_at_action_zero_with_log_std_minus_half():
     assert net.head.weight.grad.abs().sum() > 0
 
 
-def test_dko_observation():
-    obs = dko_observation(0.25, -1.5, 9.21, 0.5, math.e)
-    assert len(obs) == OBS_DIM
-    assert obs == pytest.approx([0.25, -1.5, 0.921, 0.5, 1.0], rel=1e-12)
-    assert dko_observation(0.0, 0.0, 0.0, 0.0, 0.0)[4] == pytest.approx(math.log(1e-8))
+def _observer(pool_seed: int = 0, n: int = 48, probe: int = 8) -> DKOObserver:
+    g = torch.Generator().manual_seed(pool_seed)
+    # images with very different local texture: half smooth ramps, half high-frequency noise
+    smooth = torch.linspace(-1, 1, 16).repeat(n // 2, 3, 16, 1)
+    rough = torch.rand((n // 2, 3, 16, 16), generator=g) * 2 - 1
+    return DKOObserver(torch.cat([smooth, rough]), probe, 7, 1000, 8, 9.21, -10.13, 0.1)
+
+
+def test_dko_observation_layout_and_closed_form_features():
+    obs = _observer().observation(2, 1.5, DKOContext(progress=0.25, ref_loss=math.e, probe_seed=3))
+    assert obs.shape == (OBS_DIM,) and obs.dtype == np.float32
+    knot_t = float(knot_positions(1000, 8)[2]) + 1.0
+    assert obs[0] == pytest.approx(knot_t / 1000, rel=1e-6)
+    assert obs[2] == pytest.approx(0.15, rel=1e-6) and obs[3] == pytest.approx(0.25) and obs[4] == pytest.approx(1.0)
+    assert obs[5] == 0.0  # no loss profile yet
+
+
+def test_dko_observation_is_not_a_function_of_log_snr_alone():
+    """Issue 11: at the same knot and log-SNR, different probe images (and training states) observe differently."""
+    ob = _observer()
+    lam = 2.0
+    a, b = (ob.observation(3, lam, DKOContext(probe_seed=s)) for s in (0, 1))
+    assert a[0] == b[0] and a[2] == b[2]  # the same knot, the same log-SNR
+    assert abs(a[1] - b[1]) > 1e-3  # sigma_local of different probe images and noise differs
+    # the probe is drawn afresh per seed, deterministically
+    np.testing.assert_array_equal(ob.observation(3, lam, DKOContext(probe_seed=0)), a)
+    x0_a, _ = ob.probe(0)
+    x0_b, _ = ob.probe(1)
+    assert not torch.equal(x0_a, x0_b)
+    # two training states at the same knot: progress, loss level and loss profile all enter
+    grid = [9.0, 3.0, -3.0, -9.0]
+    early = DKOContext(progress=0.1, ref_loss=0.5, loss_profile=[0.1, 0.3, 0.8, 0.8], profile_logsnr=grid)
+    late = DKOContext(progress=0.9, ref_loss=0.2, loss_profile=[0.02, 0.4, 0.2, 0.18], profile_logsnr=grid)
+    e, l = ob.observation(3, lam, early), ob.observation(3, lam, late)
+    assert e[1] == l[1]  # the same probe seed
+    assert e[3] != l[3] and e[4] != l[4] and e[5] != l[5]
+
+
+def test_loss_profile_feature_interpolates_in_log_snr():
+    ctx = DKOContext(ref_loss=0.2, loss_profile=[0.1, 0.4], profile_logsnr=[4.0, -4.0])
+    mid = math.log(math.exp((math.log(0.1) + math.log(0.4)) / 2) / 0.2)
+    assert ctx.relative_loss_at(0.0) == pytest.approx(mid, rel=1e-12)
+    assert ctx.relative_loss_at(10.0) == pytest.approx(math.log(0.1 / 0.2))  # clamped at the ends
+    assert ctx.relative_loss_at(-10.0) == pytest.approx(math.log(0.4 / 0.2))
+
+
+def test_context_updates_from_a_posted_result_and_round_trips_as_plain_data():
+    ctx = DKOContext(probe_seed=5).updated({"step": 50, "ref_loss": 0.3, "loss_profile": [0.1, 0.5],
+                                            "profile_logsnr": [1.0, -1.0]}, total_steps=200)
+    assert (ctx.progress, ctx.ref_loss, ctx.loss_profile, ctx.probe_seed) == (0.25, 0.3, [0.1, 0.5], 5)
+    assert DKOContext.from_dict(ctx.to_dict()) == ctx
+    assert ctx.updated({"step": 400}, 200).progress == 1.0  # clipped
+
+
+def test_learned_schedule_of_the_initial_dko_is_uniform_in_log_snr_and_rebuilds_exactly():
+    ob = _observer()
+    net = DKO(hidden=(8, 8))
+    ctx = DKOContext(progress=0.3, probe_seed=2)
+    initial = learned_schedule({"weights": net.state_dict(), "context": ctx.to_dict()}, ob, (8, 8))
+    torch.testing.assert_close(initial, uniform_logsnr_betas(1000, 9.21, -10.13), rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        net.head.bias[0] = 0.7
+        net.head.weight[0, 0] = 0.3
+    state = {"weights": net.state_dict(), "context": ctx.to_dict()}
+    betas, _, actions = ob.build(net.deterministic_action, ctx)
+    assert torch.equal(learned_schedule(state, ob, (8, 8)), betas) and not torch.equal(betas, initial)
+    assert len(actions) == 7 and all(a != 0.0 for a in actions)
+
+
+def test_observer_rejects_a_kernel_larger_than_the_images():
+    with pytest.raises(ValueError, match="kernel_size=7 exceeds"):
+        DKOObserver(torch.zeros(4, 3, 5, 5), 2, 7, 1000, 8, 9.21, -10.13, 0.1)

@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 import ray
 import torch
-from ray.rllib.algorithms.algorithm import Algorithm
 
 from akod_ray.config import Config, DiffusionConfig, DKOConfig, RLConfig, TrainConfig
 from akod_ray.diffusion.dko import DKO, uniform_logsnr_betas
 from akod_ray.diffusion.schedules import validate_betas
-from akod_ray.errors import CheckpointError
 from akod_ray.rl.broker import BrokerClient, BrokerClosedError, get_or_create_broker
 from akod_ray.rl.env import make_env_config
 from akod_ray.rl.ppo import (
@@ -28,9 +26,7 @@ from akod_ray.rl.ppo import (
     deterministic_schedule,
     load_policy_module,
     load_rl_state_dict,
-    restore_algorithm,
     rl_state_dict,
-    save_algorithm,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -120,32 +116,22 @@ def test_two_iterations_see_exactly_the_posted_rewards(setup):
     validate_betas(betas, CFG.diffusion.T)
 
 
-def test_save_and_restore(setup, tmp_path):
+def test_policy_state_is_plain_tensors_and_rebuilds_the_schedule_at_its_context(setup):
+    """What every Train checkpoint holds: the DKO's weights, the whole RLModule, the context; weights_only."""
+    from akod_ray.diffusion.dko import DKOContext, learned_schedule
+    from akod_ray.rl.env import make_observer
+    from akod_ray.rl.ppo import policy_state
+
     algo, env_config = setup["algo"], setup["env_config"]
-    betas = deterministic_schedule(algo, env_config, progress=0.5, ref_loss=0.1)
-    weights = rl_state_dict(algo)
-    path = save_algorithm(algo, tmp_path / "rl")
-    save_algorithm(algo, tmp_path / "rl")  # overwriting an existing checkpoint is atomic too
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rl"]
-
-    restored = restore_algorithm(CFG, env_config, path)
-    try:
-        torch.testing.assert_close(deterministic_schedule(restored, env_config, progress=0.5, ref_loss=0.1), betas,
-                                   rtol=0, atol=0)
-        for k, v in rl_state_dict(restored).items():
-            torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
-    finally:
-        restored.stop()
-
-    same = Algorithm.from_checkpoint(str(path))  # RLlib's own path, with the env_config saved inside
-    try:
-        torch.testing.assert_close(deterministic_schedule(same, env_config, progress=0.5, ref_loss=0.1), betas,
-                                   rtol=0, atol=0)
-    finally:
-        same.stop()
-
-    with pytest.raises(CheckpointError, match="missing or incomplete"):
-        restore_algorithm(CFG, env_config, tmp_path / "nothing")
+    ctx = DKOContext(progress=0.5, ref_loss=0.1, probe_seed=3)
+    buf = io.BytesIO()
+    torch.save(policy_state(algo, ctx), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert set(state) == {"weights", "module", "context"} and state["context"]["probe_seed"] == 3
+    betas = deterministic_schedule(algo, env_config, ctx)
+    torch.testing.assert_close(learned_schedule(state, make_observer(env_config), CFG.dko.hidden), betas, rtol=0, atol=0)
+    assert not torch.equal(betas, deterministic_schedule(algo, env_config))  # the context matters
 
 
 def test_weights_as_plain_tensors(setup):

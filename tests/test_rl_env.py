@@ -103,7 +103,7 @@ def test_spaces_and_episode_shape():
         env.step(np.zeros(1, np.float32))
 
 
-def test_observation_is_a_deterministic_function_of_the_actions():
+def test_observation_is_a_deterministic_function_of_the_actions_within_an_episode():
     actions = [1.5, -0.7, 0.3]
     a, _ = make_env()
     b, _ = make_env()
@@ -111,16 +111,27 @@ def test_observation_is_a_deterministic_function_of_the_actions():
     obs_b, _, _ = run_episode(b, actions)
     for x, y in zip(obs_a, obs_b):
         np.testing.assert_array_equal(x, y)
-    obs_c, _, _ = run_episode(b, [-1.5, -0.7, 0.3])  # a different first action moves knot 1
-    np.testing.assert_array_equal(obs_c[0][:2], obs_a[0][:2])
+    c, _ = make_env()
+    obs_c, _, _ = run_episode(c, [-1.5, -0.7, 0.3])  # a different first action moves knot 1
+    np.testing.assert_array_equal(obs_c[0][:3], obs_a[0][:3])
     assert obs_c[1][1] != obs_a[1][1] and obs_c[1][2] != obs_a[1][2]
+
+
+def test_every_episode_draws_a_fresh_probe():
+    """Issue 11: a fixed probe would make sigma_local a function of log-SNR; each episode draws its own."""
+    env, client = make_env(probe=np.random.default_rng(0).uniform(-1, 1, (32, 3, 16, 16)).astype(np.float32))
+    first, _, _ = run_episode(env, [0.0] * (K - 1))
+    second, _, _ = run_episode(env, [0.0] * (K - 1))
+    assert first[0][2] == second[0][2] and first[0][1] != second[0][1]  # same knot and log-SNR, other images
+    seeds = [s["context"]["probe_seed"] for s in client.submitted]
+    assert seeds == [0, 1]  # submitted with the request, so the workers can echo it
 
 
 def test_sigma_local_feature_closed_form_on_a_constant_probe():
     """x_0 = 0: x_t = sqrt(1 - abar) eps, so log sigma_local(lambda) = 0.5 log sigmoid(-lambda) + const exactly."""
     env, _ = make_env(probe=np.zeros((P, 3, 16, 16), np.float32))
     lams = [9.21, 2.0, -3.0, -10.0]
-    vals = [env.log_sigma_local(lam) for lam in lams]
+    vals = [env.observer.log_sigma_local(lam, 0) for lam in lams]
     const = [v - 0.5 * math.log(1 / (1 + math.exp(lam))) for v, lam in zip(vals, lams)]
     assert max(const) - min(const) < 1e-12
     # ...and the constant is 0.5 log E var_k(unit noise) = 0.5 log(1 - sum G_k^2), up to sampling noise.
@@ -154,7 +165,7 @@ def test_progress_and_loss_features_come_from_the_latest_result():
     assert obs1[4] == pytest.approx(math.log(latest["ref_loss"]), rel=1e-6)
     # A new env (e.g. after a driver restart) reads the same values from the broker.
     env2, _ = make_env(client=client)
-    np.testing.assert_array_equal(env2.reset()[0], obs1)
+    np.testing.assert_array_equal(env2.reset()[0][3:5], obs1[3:5])
 
 
 def test_actions_are_clipped_and_nan_is_refused():
@@ -188,16 +199,14 @@ def test_probe_from_tensor_or_callable_gives_the_same_observations():
         bad.reset()
 
 
-def test_preview_builds_without_the_broker_and_keeps_the_episode():
-    env, client = make_env()
-    env.reset()
-    env.step(np.array([0.7], np.float32))
-    betas, knots, actions = env.preview(lambda obs: 0.0)
-    validate_betas(betas, T)
-    assert actions == [0.0] * (K - 1) and client.submitted == []
-    env.step(np.array([0.1], np.float32))
-    env.step(np.array([0.2], np.float32))
-    assert client.submitted[0]["actions"] == pytest.approx([0.7, 0.1, 0.2])
+def test_loss_profile_of_the_latest_result_enters_the_observation():
+    class ProfileClient(FakeBrokerClient):
+        def latest_result(self):
+            return {"step": 10, "ref_loss": 0.2, "loss_profile": [0.05, 0.2, 0.6], "profile_logsnr": [9.0, 0.0, -9.0]}
+
+    env, _ = make_env(client=ProfileClient())
+    obs, _ = env.reset()  # knot 0 sits at log-SNR 9.21, past the profile's first point: clamped to 0.05
+    assert obs[5] == pytest.approx(math.log(0.05 / 0.2), rel=1e-6)
 
 
 # ----------------------------------------------------------------- with the real broker actor

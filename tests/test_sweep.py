@@ -25,33 +25,97 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_search_space_covers_arms_filter_sizes_and_seeds():
     cfg = load_config(ROOT / "tune_configs" / "smoke.yaml",
-                      ["sweep.arms=[linear,min_snr,akod]", "sweep.kernel_sizes=[3,5,7,9,11]", "sweep.seeds=[0,1]"])
+                      ["sweep.arms=[baseline,min_snr,dko_only,akod]", "sweep.kernel_sizes=[3,5,7,9,11]", "sweep.seeds=[0,1]"])
     points = search_space(cfg)
     names = sorted(point_name(p) for p in points)
-    # fixed arms once per seed, akod once per (k, seed)
-    assert len(points) == 2 * (2 + 5)
-    assert "akod_k11_s1" in names and "linear_s0" in names and "min_snr_s1" in names
-    assert not any(n.startswith("linear_k") for n in names)
+    # fixed arms once per seed, the learned-schedule arms once per (k, seed)
+    assert len(points) == 2 * (2 + 5 + 5)
+    assert "akod_k11_s1" in names and "dko_only_k3_s0" in names and "baseline_s0" in names and "min_snr_s1" in names
+    assert not any(n.startswith("baseline_k") for n in names)
 
 
-def test_trial_config_gives_every_arm_the_same_budget():
-    cfg = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget=6400", "train.batch_size=32"])
+# arm -> (schedule, Min-SNR gamma, MSFI and beta-modulation): DESIGN 1.7
+EXPECTED_SWITCHES = {
+    "baseline": ("linear", None, False), "cosine": ("cosine", None, False), "min_snr": ("cosine", 5.0, False),
+    "loglinear": ("loglinear", None, False), "msfi_only": ("cosine", None, True), "dko_only": ("akod", None, False),
+    "akod": ("akod", None, True),
+}
+
+
+def test_trial_config_gives_every_arm_its_switches_and_the_same_budget():
+    cfg = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget=6400", "train.batch_size=32",
+                                                             "model.msfi=true", "model.beta_modulation=false"])
+    assert set(cfg.sweep.arms) == set(EXPECTED_SWITCHES)  # the smoke sweep runs all seven arms
     by_arm = {p["arm"]: trial_config(cfg, p, "/tmp/x", "t1") for p in search_space(cfg)}
     assert {c.train.steps for c in by_arm.values()} == {200}
-    assert by_arm["min_snr"].diffusion.schedule == "cosine" and by_arm["min_snr"].diffusion.min_snr_gamma == 5.0
-    assert by_arm["cosine"].diffusion.min_snr_gamma is None
-    assert by_arm["akod"].diffusion.schedule == "akod" and by_arm["akod"].dko.kernel_size == 7
-    assert by_arm["linear"].run.name == "linear_s0-t1"  # from the trial id, never a timestamp
+    for arm, (schedule, gamma, akod_unet) in EXPECTED_SWITCHES.items():
+        c = by_arm[arm]  # the base config's model switches never leak into an arm
+        assert (c.diffusion.schedule, c.diffusion.min_snr_gamma, c.model.msfi, c.model.beta_modulation) == \
+            (schedule, gamma, akod_unet, akod_unet), arm
+    assert by_arm["akod"].dko.kernel_size == 7
+    assert by_arm["baseline"].run.name == "baseline_s0-t1"  # from the trial id, never a timestamp
     timed = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget_kind=seconds", "sweep.budget=90"])
     assert trial_config(timed, search_space(timed)[0], "/tmp/x", "t2").train.max_wall_s == 90.0
 
 
+@pytest.mark.timeout(300)
+def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
+    """Issue 11: each of the seven arms runs (a few steps, tiny U-Net, procedural data) with the
+    network and schedule its spec says: MSFI weights exist only in the AKOD U-Net arms, the
+    schedule the checkpoint stores is the arm's."""
+    import ray
+    import torch
+
+    from akod_ray.data.sources import load_training_data
+    from akod_ray.diffusion.dko import uniform_logsnr_betas
+    from akod_ray.diffusion.schedules import fixed_schedule
+    from akod_ray.rl.driver import train_akod_local
+    from akod_ray.sweep.trial import summarize
+    from akod_ray.training.checkpoint import latest_checkpoint, load_state
+    from akod_ray.training.local import LocalEnv
+    from akod_ray.training.loop import run_training
+    from akod_ray.training.schedule_source import fixed_source
+
+    base = load_config(ROOT / "tune_configs" / "tiny_akod.yaml", [
+        "data.source=procedural", "data.train_subset=64", "data.val_size=8", "train.batch_size=8", "train.steps=4",
+        "train.log_every=2", "train.ckpt_every=4", "train.sample_every=4", "rl.segment_steps=2", "rl.train_batch=1",
+        "rl.minibatch_size=3", "dko.probe_pool=16", "eval.fid_samples=8", "eval.ddim_steps=2", "sweep.budget=32"])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        for arm, (schedule, gamma, akod_unet) in EXPECTED_SWITCHES.items():
+            point = {"arm": arm, "kernel_size": 5 if schedule == "akod" else None, "seed": 0}
+            cfg = trial_config(base, point, str(tmp_path), "t")
+            data = load_training_data(cfg, None)
+            if schedule == "akod":
+                train_akod_local(cfg, data)
+            else:
+                run_training(cfg, data, LocalEnv(cfg.run_dir), cfg.run_dir, fixed_source(cfg))
+            state = load_state(latest_checkpoint(cfg.run_dir))
+            assert state["step"] == 4, arm
+            assert any(k.startswith("msfi.") for k in state["model"]) == akod_unet, arm
+            assert any(k.startswith("modulation.") for k in state["model"]) == akod_unet, arm
+            expected = {"linear": fixed_schedule("linear", 1000), "cosine": fixed_schedule("cosine", 1000),
+                        "loglinear": uniform_logsnr_betas(1000, cfg.dko.logsnr_max, cfg.dko.logsnr_min)}.get(schedule)
+            if expected is not None:
+                assert torch.equal(state["betas"], expected), arm
+            else:  # the learned arms store the DKO that made their schedule
+                assert set(state["schedule_source"]["dko"]) == {"weights", "module", "context"}
+            row = summarize(cfg, point)
+            assert (row["schedule"], row["min_snr_gamma"], row["msfi"], row["beta_modulation"]) == \
+                (schedule, gamma, akod_unet, akod_unet), arm
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def test_sweep_table_has_one_row_per_trial(tmp_path):
-    rows = [{"trial": "linear_s0", "arm": "linear", "ref_loss": 0.25, "fid_c10": float("nan")},
+    rows = [{"trial": "baseline_s0", "arm": "baseline", "ref_loss": 0.25, "fid_c10": float("nan")},
             {"trial": "akod_k7_s0", "arm": "akod", "kernel_size": 7, "ref_loss": 0.2}]
     csv_path, md_path = write_table(rows, tmp_path)
     got = list(csv.DictReader(csv_path.open()))
-    assert [r["trial"] for r in got] == ["akod_k7_s0", "linear_s0"]
+    assert [r["trial"] for r in got] == ["akod_k7_s0", "baseline_s0"]
     assert got[1]["ref_loss"] == "0.25"
     md = md_path.read_text().splitlines()
     assert len(md) == 4 and "| akod_k7_s0 | akod | 7 |" in md[2] and "—" in md[3]

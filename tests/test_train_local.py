@@ -19,7 +19,7 @@ from akod_ray.errors import CheckpointError
 from akod_ray.training.checkpoint import checkpoint_dir_name, latest_checkpoint, load_state
 from akod_ray.training.local import LocalEnv
 from akod_ray.training.loop import run_training
-from akod_ray.training.schedule_source import make_schedule_source
+from akod_ray.training.schedule_source import fixed_source
 
 N = 4  # steps before the interruption; the straight run trains 2N
 
@@ -43,7 +43,7 @@ def train_local(cfg: Config) -> dict:
     run_dir = cfg.run_dir
     save_config(cfg, run_dir)  # as the driver does before the workers start
     env = LocalEnv(run_dir, num_to_keep=cfg.train.num_to_keep)
-    return run_training(cfg, load_training_data(cfg, None), env, run_dir, make_schedule_source(cfg, env, {}))
+    return run_training(cfg, load_training_data(cfg, None), env, run_dir, fixed_source(cfg))
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -141,7 +141,7 @@ class SegmentedSchedule:
 
         self.process, self.length, self.posted = DiffusionProcess(betas), length, []
 
-    def next_segment(self, step, steps_left):
+    def next_segment(self, step, steps_left, trunk):
         from akod_ray.training.loop import Segment
 
         return Segment(self.process, min(self.length, steps_left), request_id=len(self.posted))
@@ -166,14 +166,14 @@ def test_a_segment_end_on_a_log_step_evaluates_the_reference_loss_once(tmp_path,
     from akod_ray.training.schedule_source import fixed_betas
 
     calls = []
-    original = step_module.ReferenceProtocol.loss
+    original = step_module.ReferenceProtocol.profile
 
     def counted(self, model, bf16=False):
         value = original(self, model, bf16)
         calls.append(value)
         return value
 
-    monkeypatch.setattr(step_module.ReferenceProtocol, "loss", counted)
+    monkeypatch.setattr(step_module.ReferenceProtocol, "profile", counted)
     cfg = tiny_config(tmp_path, "segments", 8, log_every=2)  # log steps 2, 4, 6, 8
     source = SegmentedSchedule(fixed_betas(cfg), length=4)  # segment ends at 4 and 8
     save_config(cfg, cfg.run_dir)

@@ -1,16 +1,45 @@
-"""Dynamic Kernel Optimizer (DKO) building blocks: sigma_local, the knot schedule builder, the MLP.
+"""The Dynamic Kernel Optimizer (DKO): its math, its observation and its schedule, in one place.
 
 The paper sets beta_t = f(t, sigma_local(x_t)) with f an MLP trained by PPO. Here the
 schedule is built knot by knot (DESIGN 1.3): at knot k the DKO sees the local variance of
-the probe batch noised to t_k with the schedule built so far, and chooses which share of
-the remaining log-SNR range the next segment uses. Every action sequence gives a valid,
-strictly monotone schedule with fixed endpoints: validity by construction, not clamping.
+a probe of real training images noised to t_k with the schedule built so far, and the
+state of training, and chooses which share of the remaining log-SNR range the next segment
+uses. Every action sequence gives a valid, strictly monotone schedule with fixed
+endpoints: validity by construction, not clamping.
+
+The observation (:class:`DKOObserver`). At knot k, with lambda_k the log-SNR the actions so
+far put there, the DKO sees ``OBS_DIM`` numbers:
+
+==================  ====================================================================
+t_k / T             where the knot stands in the process
+log sigma_local     mean over the episode's probe images of 0.5 log var_k(x_{t_k}), with
+                    x_{t_k} = sqrt(sigmoid(lambda_k)) x_0 + sqrt(sigmoid(-lambda_k)) eps.
+                    The probe images (drawn from a pool of training images) and eps are
+                    drawn afresh for every episode from ``DKOContext.probe_seed``: with a
+                    fixed probe and noise this feature would be a fixed function of
+                    lambda_k, which the DKO sees anyway, and would carry no information.
+lambda_k / 10       the log-SNR so far
+progress            the trunk's optimizer step / total steps, in [0, 1]
+log L               log of the latest reference loss (the mean of the loss profile)
+log L(lambda_k)/L   the denoiser's loss profile at this knot's noise level, relative to
+                    its mean: where the denoiser is weak now. The profile is the per-grid-
+                    point epsilon-MSE that the reward's reference protocol computes anyway
+                    (interpolated in log-SNR between grid points, at no extra cost).
+==================  ====================================================================
+
+Progress, loss and profile come from the latest result the workers posted; together with
+the probe seed they form the :class:`DKOContext`, plain data that lives in every Train
+checkpoint next to the DKO's weights, so :func:`learned_schedule` rebuilds exactly the
+schedule a run trained with.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -156,23 +185,146 @@ def uniform_logsnr_betas(T: int, logsnr_max: float, logsnr_min: float) -> torch.
     return validate_betas(betas_from_logsnr(torch.linspace(logsnr_max, logsnr_min, T, dtype=torch.float64)), T)
 
 
+# ----------------------------------------------------------------- the observation
+
+OBS_DIM = 6
+OBS_BOUND = 30.0  # every feature is far inside (log sigma_local >= -7, log losses >= -18.5)
+INITIAL_REF_LOSS = 1.0  # epsilon-MSE of an untrained denoiser, before the workers posted anything
+
+
+@dataclass
+class DKOContext:
+    """What the DKO's observation depends on besides the knot: plain data (checkpointed as is)."""
+
+    progress: float = 0.0  # trunk step / total steps
+    ref_loss: float = INITIAL_REF_LOSS  # latest reference loss (mean of the profile)
+    loss_profile: list[float] = field(default_factory=list)  # reference loss per grid point ([] before the first)
+    profile_logsnr: list[float] = field(default_factory=list)  # log-SNR of each grid point (decreasing)
+    probe_seed: int = 0  # draws the episode's probe images and noise
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DKOContext":
+        d = dict(d or {})
+        return cls(progress=float(d.get("progress", 0.0)), ref_loss=float(d.get("ref_loss", INITIAL_REF_LOSS)),
+                   loss_profile=[float(v) for v in d.get("loss_profile", [])],
+                   profile_logsnr=[float(v) for v in d.get("profile_logsnr", [])],
+                   probe_seed=int(d.get("probe_seed", 0)))
+
+    def updated(self, result: dict | None, total_steps: int) -> "DKOContext":
+        """This context with the progress, loss and profile of a posted result (missing keys kept)."""
+        out = DKOContext.from_dict(self.to_dict())
+        if not result:
+            return out
+        if "step" in result:
+            out.progress = float(min(max(result["step"] / max(total_steps, 1), 0.0), 1.0))
+        if "ref_loss" in result and math.isfinite(float(result["ref_loss"])):
+            out.ref_loss = float(result["ref_loss"])
+        if result.get("loss_profile"):
+            out.loss_profile = [float(v) for v in result["loss_profile"]]
+            out.profile_logsnr = [float(v) for v in result.get("profile_logsnr", [])]
+        return out
+
+    def relative_loss_at(self, lam: float) -> float:
+        """log(L(lambda) / L): the profile interpolated linearly in log-SNR, clamped at its ends; 0 without one."""
+        if len(self.loss_profile) < 2 or len(self.profile_logsnr) != len(self.loss_profile):
+            return 0.0
+        xs = np.asarray(self.profile_logsnr[::-1], dtype=np.float64)  # increasing for np.interp
+        ys = np.log(np.maximum(np.asarray(self.loss_profile[::-1], dtype=np.float64), 1e-8))
+        return float(np.interp(lam, xs, ys) - math.log(max(self.ref_loss, 1e-8)))
+
+
+class DKOObserver:
+    """Builds the DKO's observations and, with a policy, whole schedules (see the module docstring).
+
+    ``pool``: real training images [N, C, H, W] in [-1, 1]; each episode's probe is
+    ``probe_size`` of them chosen by ``DKOContext.probe_seed``, with noise from the same seed.
+    """
+
+    def __init__(self, pool: torch.Tensor, probe_size: int, kernel_size: int, T: int, num_knots: int,
+                 logsnr_max: float, logsnr_min: float, min_share: float):
+        pool = torch.as_tensor(pool)
+        if pool.ndim != 4 or not torch.is_floating_point(pool):
+            raise ValueError(f"the DKO probe pool must be float images [N, C, H, W], got {pool.dtype} {list(pool.shape)}")
+        if not torch.isfinite(pool).all():
+            raise ValueError("the DKO probe pool contains NaN or inf")
+        if min(pool.shape[-2:]) < kernel_size:
+            raise ValueError(f"dko.kernel_size={kernel_size} exceeds the images' size {list(pool.shape[-2:])}")
+        self.pool = pool.detach().to("cpu", torch.float64)
+        self.probe_size = min(int(probe_size), self.pool.shape[0])
+        self.kernel_size, self.T, self.K = int(kernel_size), int(T), int(num_knots)
+        self.endpoints = (float(logsnr_max), float(logsnr_min), float(min_share))
+        self.knot_t = knot_positions(self.T, self.K) + 1.0  # 1-based diffusion step of each knot
+        self._probe_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def builder(self) -> KnotScheduleBuilder:
+        return KnotScheduleBuilder(self.K, *self.endpoints)
+
+    def probe(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe images x_0 and noise eps of the episode with ``seed`` (deterministic)."""
+        if self._probe_cache is None or self._probe_cache[0] != seed:
+            g = torch.Generator().manual_seed(int(seed) % 2**63)
+            idx = torch.randperm(self.pool.shape[0], generator=g)[: self.probe_size]
+            x0 = self.pool[idx]
+            eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+            self._probe_cache = (seed, x0, eps)
+        return self._probe_cache[1], self._probe_cache[2]
+
+    def log_sigma_local(self, lam: float, seed: int) -> float:
+        """Mean over the probe of log sigma_local(x_t) at log-SNR ``lam``."""
+        x0, eps = self.probe(seed)
+        a = 1.0 / (1.0 + math.exp(-lam))  # abar = sigmoid(lambda)
+        x_t = math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps
+        var = local_variance(x_t, self.kernel_size).clamp(min=1e-12)
+        return float(0.5 * torch.log(var).mean())
+
+    def observation(self, k: int, lam: float, ctx: DKOContext) -> np.ndarray:
+        """The DKO's input at knot k whose log-SNR is ``lam``, float32 [OBS_DIM]."""
+        obs = [
+            float(self.knot_t[k]) / self.T,
+            self.log_sigma_local(lam, ctx.probe_seed),
+            lam / 10.0,
+            ctx.progress,
+            math.log(max(ctx.ref_loss, 1e-8)),
+            ctx.relative_loss_at(lam),
+        ]
+        return np.clip(np.asarray(obs, dtype=np.float32), -OBS_BOUND, OBS_BOUND)
+
+    def build(self, policy: Callable[[np.ndarray], float], ctx: DKOContext) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """Run ``policy`` (observation -> action) knot by knot: (betas [T], knot log-SNR [K+1], actions)."""
+        b = self.builder()
+        actions = []
+        for k in range(b.num_actions):
+            a = clip_action(policy(self.observation(k, b.knots[k], ctx)))
+            actions.append(a)
+            b.step(a)
+        knots = b.knot_logsnr()
+        return schedule_from_knots(knots, self.T), knots, actions
+
+
+ACTION_BOUND = 10.0  # |logit| of the stick-breaking share; sigmoid(10) = 1 - 4.5e-5, finer control is moot
+
+
+def clip_action(action) -> float:
+    """One finite action, clipped to [-ACTION_BOUND, ACTION_BOUND]; anything else is a ValueError."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.size != 1 or not np.isfinite(a[0]):
+        raise ValueError(f"DKO action must be one finite number, got {action!r}")
+    return float(np.clip(a[0], -ACTION_BOUND, ACTION_BOUND))
+
+
 # ----------------------------------------------------------------- the DKO MLP
-
-OBS_DIM = 5
-
-
-def dko_observation(t_frac: float, log_sigma_local: float, log_snr: float, progress: float,
-                    ref_loss: float) -> list[float]:
-    """The DKO's input: (t_k / T, log sigma_local(x_{t_k}), log-SNR so far / 10, progress, log recent ref loss)."""
-    return [t_frac, log_sigma_local, log_snr / 10.0, progress, math.log(max(ref_loss, 1e-8))]
 
 
 class DKO(nn.Module):
-    """f(t, sigma_local): the MLP that maps the DKO observation to the next knot's action.
+    """f(t, sigma_local, training state): the MLP that maps the DKO observation to the next knot's action.
 
     Outputs 2 numbers per observation: the mean of the action distribution (the action
     itself when deterministic) and its log standard deviation, the layout of RLlib's
-    diagonal Gaussian over a 1-D action.
+    diagonal Gaussian over a 1-D action. The mean head starts at zero, so the initial
+    deterministic schedule is uniform in log-SNR (the ``loglinear`` arm).
     """
 
     def __init__(self, hidden: tuple[int, ...] = (64, 64), obs_dim: int = OBS_DIM):
@@ -191,3 +343,20 @@ class DKO(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(obs))
+
+    @torch.no_grad()
+    def deterministic_action(self, obs: np.ndarray) -> float:
+        return float(self(torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(1, -1))[0, 0])
+
+
+def learned_schedule(dko_state: dict, observer: DKOObserver, hidden: tuple[int, ...]) -> torch.Tensor:
+    """The schedule of a stored DKO: ``dko_state`` = {"weights": DKO state_dict, "context": DKOContext dict}.
+
+    The deterministic policy run knot by knot at the stored context; what the trunk trained
+    with and what ``schedule.json`` holds.
+    """
+    net = DKO(hidden)
+    net.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in dko_state["weights"].items()})
+    net.eval()
+    betas, _, _ = observer.build(net.deterministic_action, DKOContext.from_dict(dko_state["context"]))
+    return betas

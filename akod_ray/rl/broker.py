@@ -84,6 +84,16 @@ class ScheduleBroker:
         self._fresh = True  # no traffic and no set_state yet
         self._worker_seen: float | None = None  # monotonic time of the last worker contact
         self._worker_info: dict = {}
+        self._policy: dict | None = None  # the DKO weights and context the driver published last
+
+    # ------------------------------------------------------------------ policy (driver -> checkpoints)
+
+    async def publish_policy(self, state: dict) -> None:
+        """The driver's latest DKO state (plain tensors/data); rank 0 stores it in every checkpoint."""
+        self._policy = state
+
+    async def policy_state(self) -> dict | None:
+        return self._policy
 
     # ------------------------------------------------------------------ env side
 
@@ -400,6 +410,12 @@ class BrokerClient:
     def heartbeat(self, info: dict | None = None) -> None:
         """Fire and forget: never blocks the training loop."""
         self.handle.heartbeat.remote(info)
+
+    def publish_policy(self, state: dict) -> None:
+        self._get(self.handle.publish_policy.remote(state), 0.0, "publish_policy")
+
+    def policy_state(self) -> dict | None:
+        return self._get(self.handle.policy_state.remote(), 0.0, "policy_state")
 
     # ------------------------------------------------------------------ lifecycle and state
 

@@ -3,25 +3,20 @@
 Everything RLlib-specific about the AKOD arm lives here. The algorithm runs in the Tune
 trial's process: one local env runner (``num_env_runners=0``) and one local learner
 (``num_learners=0``), so PPO takes no CPU from the Ray Train workers. One PPO iteration
-(``algo.train()``) collects ``rl.train_batch`` schedules, i.e. as many segments of K
-training steps by the workers, then updates the DKO.
+(``algo.train()``) collects ``rl.train_batch`` schedules (episodes: trunk segments of K
+training steps, or branch rollouts when ``rl.branches > 0``), then updates the DKO.
 
-Two ways to keep the RL state (use both; they answer different questions):
+The RL state is kept as plain tensors, never as an RLlib checkpoint (those hold pickles, and a
+run folder on a shared filesystem must not be able to run code on resume):
 
-- :func:`save_algorithm` / :func:`restore_algorithm`: the whole algorithm (DKO and value
-  weights, Adam state, counters) in an RLlib checkpoint folder, written atomically. This
-  resumes PPO exactly after the trial driver restarts.
 - :func:`rl_state_dict` / :func:`load_rl_state_dict`: the RLModule's weights only, as a
   flat ``{name: torch.Tensor}`` dict that ``torch.save`` writes and
-  ``torch.load(weights_only=True)`` reads, small enough for every Train checkpoint and all
-  that :func:`deterministic_schedule` needs.
+  ``torch.load(weights_only=True)`` reads, small enough for every Train checkpoint
+  (:func:`policy_state` adds the DKO context). The AKOD driver resumes PPO from these;
+  Adam's moments and RLlib's counters start afresh on resume.
 """
 
 from __future__ import annotations
-
-import shutil
-import uuid
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +29,8 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from akod_ray.config import Config
 from akod_ray.errors import BrokerTimeoutError
 from akod_ray.rl.broker import BrokerClosedError
-from akod_ray.rl.env import ScheduleEnv
+from akod_ray.diffusion.dko import DKOContext, DKOObserver
+from akod_ray.rl.env import ScheduleEnv, make_observer
 from akod_ray.rl.rl_module import DKORLModule
 
 VF_HIDDEN = (64, 64)
@@ -118,52 +114,39 @@ def deterministic_action(module, obs: np.ndarray) -> float:
     return float(dist_inputs[0, 0])
 
 
-def deterministic_schedule(algo_or_module, env: ScheduleEnv | dict, progress: float | None = None,
-                           ref_loss: float | None = None) -> torch.Tensor:
-    """The learned schedule: the deterministic DKO run knot by knot on the probe statistics.
+def deterministic_schedule(algo_or_module, observer: DKOObserver | dict, context: DKOContext | dict | None = None
+                           ) -> torch.Tensor:
+    """The learned schedule: the deterministic DKO run knot by knot at ``context``.
 
-    ``env`` is a ScheduleEnv or its env_config (no broker is contacted). ``progress`` and
-    ``ref_loss`` default to what the env saw last (0 and 1.0 for a fresh env). Returns
-    float64 betas [T], valid by construction.
+    ``observer`` is a DKOObserver or an env_config (no broker is contacted); ``context``
+    defaults to the start of training (progress 0, loss 1, no profile). Returns float64
+    betas [T], valid by construction.
     """
     module = policy_module(algo_or_module)
-    if isinstance(env, dict):
-        env = ScheduleEnv(env)
-    betas, _, _ = env.preview(lambda obs: deterministic_action(module, obs), progress, ref_loss)
+    if isinstance(observer, dict):
+        observer = make_observer(observer)
+    if not isinstance(context, DKOContext):
+        context = DKOContext.from_dict(context)
+    betas, _, _ = observer.build(lambda obs: deterministic_action(module, obs), context)
     return betas
 
 
-# ----------------------------------------------------------------- checkpoints
+def policy_state(algo_or_module, context: DKOContext) -> dict:
+    """The DKO state that goes into every Train checkpoint: plain tensors and data (weights_only).
 
-
-def save_algorithm(algo: Algorithm, path: str | Path) -> Path:
-    """Write the whole algorithm to the folder ``path`` atomically (temp folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    algo.save_to_path(str(tmp.resolve()))
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def restore_algorithm(cfg: Config, env_config: dict, path: str | Path) -> Algorithm:
-    """Rebuild PPO with a fresh ``env_config`` (this run's broker and probe) and load ``path`` into it.
-
-    The env_config saved inside the checkpoint is not used, so a checkpoint written by an
-    earlier trial driver works with the broker of the current one.
+    ``weights``: the DKO MLP (:class:`~akod_ray.diffusion.dko.DKO` state_dict, enough for
+    :func:`~akod_ray.diffusion.dko.learned_schedule`); ``module``: the whole RLModule (DKO and
+    value function) to resume PPO from; ``context``: the observation the schedule was built at.
     """
-    path = Path(path)
-    if not (path / "learner_group").is_dir():
-        from akod_ray.errors import CheckpointError
+    if isinstance(algo_or_module, Algorithm):
+        full = rl_state_dict(algo_or_module)  # the learner's copy: DKO and value function
+    else:
+        full = {k: v.detach().cpu().clone() for k, v in algo_or_module.state_dict().items()}
+    return {"weights": {k[len("pi."):]: v for k, v in full.items() if k.startswith("pi.")}, "module": full,
+            "context": context.to_dict()}
 
-        raise CheckpointError(f"RL checkpoint {str(path)!r} is missing or incomplete (no learner_group folder)")
-    algo = build_ppo(cfg, env_config)
-    algo.restore_from_path(str(path.resolve()))
-    return algo
+
+# ----------------------------------------------------------------- checkpoints
 
 
 def rl_state_dict(algo: Algorithm) -> dict[str, torch.Tensor]:

@@ -1,10 +1,22 @@
-"""The AKOD schedule source on the Ray Train workers: schedules come from the PPO learner.
+"""The AKOD schedule source on the training workers: schedules come from the PPO learner.
 
-Rank 0 takes the next proposed schedule from the run's ScheduleBroker and broadcasts it;
-all workers train a segment of K = rl.segment_steps steps with it; the segment's reward
-(the reference loss by default, DESIGN 1.4) is all-reduced by the loop and rank 0 posts it
-back. A request marked ``final`` (the deterministic learned schedule, sent when PPO's
-budget is spent) is used for the rest of the run.
+Rank 0 takes the next request from the run's ScheduleBroker and broadcasts it; every
+worker acts on it in lockstep. A request is one of:
+
+=========  ==================================================================================
+episode    a schedule the PPO env proposed. Without branches (``rl.branches = 0``) the trunk
+           trains the next segment of K = rl.segment_steps steps with it and rank 0 posts the
+           segment's result. With branches it is a branch rollout: rl.branch_steps steps from
+           the trunk's weights (same batches and noise for every branch of the round), scored
+           by the reference protocol and undone; the trunk waits for a ``trunk`` request.
+trunk      the deterministic DKO schedule the driver sends after each PPO update (branch mode):
+           the trunk trains a segment with it, and rank 0 posts the segment's result.
+final      the deterministic learned schedule when PPO's budget is spent: the rest of the run.
+=========  ==================================================================================
+
+Every result carries the trunk's state (step, reference loss, loss profile: the DKO's next
+observation), the losses the reward is made of and the reward itself
+(:func:`akod_ray.rl.reward.reward_from`), and echoes the request's DKO context.
 """
 
 from __future__ import annotations
@@ -19,29 +31,31 @@ from akod_ray.config import Config
 from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.errors import BrokerTimeoutError
 from akod_ray.rl.broker import BrokerClient
-from akod_ray.training.loop import Segment
+from akod_ray.rl.reward import reward_from
+from akod_ray.training.loop import Segment, Trunk
 
 HEARTBEAT_EVERY_S = 5.0
 POLL_S = 5.0
-
-
-def reward_from(result: dict, kind: str) -> float:
-    """reference: -(reference loss); paper: -(validation loss under the proposed schedule)."""
-    return -float(result["paper_loss"] if kind == "paper" else result["ref_loss"])
+KINDS = ("episode", "trunk", "final")
 
 
 class BrokerSchedule:
-    def __init__(self, cfg: Config, env, broker_name: str, run_dir: Path | None = None):
+    """``client``: a BrokerClient-like object (rank 0 only; None on the other ranks)."""
+
+    def __init__(self, cfg: Config, env, client, run_dir: Path | None = None):
         self.cfg = cfg
         self.env = env
         self.T = cfg.diffusion.T
         self.K = cfg.rl.segment_steps
-        self.client = BrokerClient.connect(broker_name, cfg.rl.broker_timeout_s) if env.rank == 0 else None
+        self.client = client if env.rank == 0 else None
         self.first_request = True
         self.last_beat = 0.0
         self.posted_log = None if run_dir is None or env.rank != 0 else Path(run_dir) / "rl" / "posted.jsonl"
+        self._before: dict | None = None  # the trunk's reference at the current segment's start
+        self._requests: dict[int, dict] = {}  # rank 0: request metadata to echo in its result
+        self._policy: dict | None = None  # the DKO state restored from a checkpoint, until the driver publishes
 
-    def _take(self) -> tuple[int, bool, list[float]]:
+    def _take(self) -> tuple[int, str, list[float]]:
         """Rank 0: wait for the next request, giving up after rl.broker_timeout_s of silence."""
         start = time.monotonic()
         while True:
@@ -49,41 +63,68 @@ class BrokerSchedule:
             self.first_request = False
             if req is not None:
                 rid, schedule = req
-                return rid, bool(schedule.get("final", False)), schedule["betas"]
-            waited = time.monotonic() - start
-            if waited > self.cfg.rl.broker_timeout_s:
+                kind = "final" if schedule.get("final") else schedule.get("kind", "episode")
+                self._requests[rid] = {"context": schedule.get("context"), "kind": kind}
+                return rid, kind, schedule["betas"]
+            if time.monotonic() - start > self.cfg.rl.broker_timeout_s:
                 raise BrokerTimeoutError(
                     f"the PPO learner sent no schedule within rl.broker_timeout_s={self.cfg.rl.broker_timeout_s} s "
                     "(the trial driver is gone or stuck)")
 
-    def next_segment(self, step: int, steps_left: int) -> Segment:
+    def _receive(self) -> tuple[int, str, DiffusionProcess]:
         msg = torch.zeros(self.T + 2, dtype=torch.float64, device=self.env.device)
         if self.env.rank == 0:
-            rid, final, betas = self._take()
-            msg[0], msg[1] = rid, float(final)
+            rid, kind, betas = self._take()
+            msg[0], msg[1] = rid, KINDS.index(kind)
             msg[2:] = torch.tensor(betas, dtype=torch.float64)
         msg = self.env.broadcast(msg).cpu()
-        rid, final = int(msg[0].item()), bool(msg[1].item())
-        length = steps_left if final else min(self.K, steps_left)
-        return Segment(DiffusionProcess(msg[2:].clone()), length, rid)
+        return int(msg[0].item()), KINDS[int(msg[1].item())], DiffusionProcess(msg[2:].clone())
+
+    def next_segment(self, step: int, steps_left: int, trunk: Trunk) -> Segment:
+        while True:
+            rid, kind, process = self._receive()
+            if kind == "episode" and self.cfg.rl.branches > 0:
+                before = trunk.reference()
+                scored = trunk.branch(process, self.cfg.rl.branch_steps)
+                self._post(rid, before, {"score_loss": scored["ref_loss"], **scored, **before} | {"kind": "branch"})
+                continue
+            self._before = trunk.reference() if kind != "final" else None
+            length = steps_left if kind == "final" else min(self.K, steps_left)
+            return Segment(process, length, rid)
+
+    def finish_segment(self, segment: Segment, result: dict) -> None:
+        """The segment's end: ``result`` is the trunk's reference now (ref_loss, loss_profile, step, ...)."""
+        before = self._before or result
+        self._post(segment.request_id, before, dict(result, score_loss=result["ref_loss"], kind="trunk"))
+
+    def _post(self, rid: int, before: dict, result: dict) -> None:
+        if self.client is None:
+            return
+        meta = self._requests.pop(rid, {})
+        result = dict(result, before_loss=before["ref_loss"], request_id=rid, context=meta.get("context"))
+        result["reward"] = reward_from(result, self.cfg.rl.reward)
+        self.client.post_result(rid, result)
+        if self.posted_log is not None:
+            self.posted_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.posted_log.open("a") as f:
+                f.write(json.dumps(result) + "\n")
 
     def heartbeat(self, step: int) -> None:
         if self.client is not None and time.monotonic() - self.last_beat > HEARTBEAT_EVERY_S:
             self.client.heartbeat({"step": step})
             self.last_beat = time.monotonic()
 
-    def finish_segment(self, segment: Segment, result: dict) -> None:
-        if self.client is None:
-            return
-        result = dict(result, reward=reward_from(result, self.cfg.rl.reward), request_id=segment.request_id)
-        self.client.post_result(segment.request_id, result)
-        if self.posted_log is not None:
-            self.posted_log.parent.mkdir(parents=True, exist_ok=True)
-            with self.posted_log.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-
     def state_dict(self) -> dict:
-        return {}  # the broker's own state is saved by the trial driver, which owns the actor
+        """Rank 0: the DKO state the driver published last (weights and context), for the checkpoint."""
+        if self.client is not None:
+            self._policy = self.client.policy_state() or self._policy
+        return {"dko": self._policy} if self._policy is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self._policy = state.get("dko")
+
+
+def make_broker_schedule(cfg: Config, env, loop_config: dict) -> BrokerSchedule:
+    """The worker-side source for a Ray Train worker: connects to the run's named broker actor."""
+    client = BrokerClient.connect(loop_config["broker_name"], cfg.rl.broker_timeout_s) if env.rank == 0 else None
+    return BrokerSchedule(cfg, env, client, loop_config.get("run_dir"))

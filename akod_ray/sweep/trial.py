@@ -14,16 +14,16 @@ import math
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from akod_ray.config import Config, config_from_dict, config_to_dict
+from akod_ray.config import ARM_SPECS, Config, config_from_dict, config_to_dict
 from akod_ray.evaluation.metrics import read_metrics, time_to_target
 
 
 def search_space(cfg: Config) -> list[dict]:
-    """The sweep's points: each fixed arm per seed, the akod arm per (filter size, seed)."""
+    """The sweep's points: each fixed arm per seed, each learned-schedule arm per (filter size, seed)."""
     points = []
     for seed in cfg.sweep.seeds:
         for arm in cfg.sweep.arms:
-            for k in cfg.sweep.kernel_sizes if arm == "akod" else (None,):
+            for k in cfg.sweep.kernel_sizes if ARM_SPECS[arm][0] == "akod" else (None,):
                 points.append({"arm": arm, "kernel_size": k, "seed": seed})
     return points
 
@@ -34,11 +34,13 @@ def point_name(point: dict) -> str:
 
 
 def trial_config(base: Config, point: dict, run_root: str, trial_id: str) -> Config:
-    """The base config with the point's arm, filter size and seed, and the sweep's equal budget."""
+    """The base config with the point's arm (its schedule and network switches, ARM_SPECS), filter
+    size and seed, and the sweep's equal budget."""
     d = config_to_dict(base)
-    arm = point["arm"]
-    d["diffusion"]["schedule"] = "cosine" if arm == "min_snr" else arm
-    d["diffusion"]["min_snr_gamma"] = base.sweep.min_snr_gamma if arm == "min_snr" else None
+    schedule, min_snr, akod_unet = ARM_SPECS[point["arm"]]
+    d["diffusion"]["schedule"] = schedule
+    d["diffusion"]["min_snr_gamma"] = base.sweep.min_snr_gamma if min_snr else None
+    d["model"]["msfi"] = d["model"]["beta_modulation"] = akod_unet  # the arm's switches, never the base's
     if point["kernel_size"] is not None:
         d["dko"]["kernel_size"] = point["kernel_size"]
     d["train"]["seed"] = point["seed"]
@@ -60,6 +62,8 @@ def summarize(cfg: Config, point: dict) -> dict:
         last.update({k: v for k, v in r.items() if v is not None})
     out = {
         "arm": point["arm"], "kernel_size": point["kernel_size"] or 0, "seed": point["seed"],
+        "schedule": cfg.diffusion.schedule, "msfi": cfg.model.msfi, "beta_modulation": cfg.model.beta_modulation,
+        "min_snr_gamma": cfg.diffusion.min_snr_gamma,
         "step": last.get("step", 0), "wall_s": last.get("wall_s", math.nan),
         "ref_loss": last.get("ref_loss", math.nan), "fid_c10": last.get("fid_c10", math.nan),
         "fid_c10_n": last.get("fid_c10_n", 0), "run_dir": str(cfg.run_dir),
@@ -75,7 +79,7 @@ def make_trial_fn(base_dict: dict, run_root: str, data_dir: str | None):
     """The Tune trainable: a plain function that runs one arm and reports its final numbers."""
 
     def akod_trial(config: dict) -> None:
-        from akod_ray.training.trainer import train
+        from akod_ray.run import train
 
         base = config_from_dict(base_dict)
         point = config["point"]

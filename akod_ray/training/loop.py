@@ -1,17 +1,29 @@
 """The training loop of one worker: it connects data, the pure train step, schedules,
 checkpoints and metrics. Where it runs (a Ray Train worker, or one local process) is a
-:class:`WorkerEnv`; the loop itself imports nothing from Ray.
+:class:`WorkerEnv`; the loop itself imports nothing from Ray, and nothing from the RL side:
+a :class:`ScheduleSource` hands it schedules.
 
-Order of work at each optimizer step:
-  1. at a segment start, take the schedule for the segment (fixed, or the DKO's proposal);
-  2. one train step (micro-batches, all-reduce under DDP), EMA update, NaN check;
-  3. at a segment end, the reference loss (all-reduced) goes back to the schedule source;
-  4. at intervals: progress line and metrics, sample grid, checkpoint (one report each).
+Phases of :func:`run_training`:
+  1. build: model, optimizer, EMA, data stream, reference protocol (:class:`TrainingRun`);
+  2. resume from the latest checkpoint, if any;
+  3. per optimizer step:
+     a. at a segment start, the source gives the segment's schedule; it may first run
+        branch rollouts on the :class:`Trunk` (short trainings from the current weights,
+        each scored by the reference protocol, then undone);
+     b. one train step (micro-batches, all-reduce under DDP), EMA update, NaN check;
+     c. at a segment end, the reference loss profile goes back to the source;
+     d. at intervals: metrics record, fid_c10, sample grid, checkpoint (one report each).
+
+Budget. ``train.max_wall_s`` counts budget seconds on ``train.budget_clock`` (wall-clock, or
+this process's CPU time): everything but evaluation (metrics records, fid_c10, sample grids),
+so schedule waits, branch rollouts and reward evaluations count, as an arm's own cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import json
 import time
 from dataclasses import dataclass, field
@@ -58,8 +70,15 @@ class Segment:
     request_id: int | None = None
 
 
+class Trunk(Protocol):
+    """What a schedule source may do with the trunk (the run's model) between segments."""
+
+    def reference(self) -> dict: ...  # {"ref_loss", "loss_profile", "profile_logsnr", "step"} of the trunk now
+    def branch(self, process: DiffusionProcess, steps: int, salt: int = 0) -> dict: ...  # train a branch, score it, undo it
+
+
 class ScheduleSource(Protocol):
-    def next_segment(self, step: int, steps_left: int) -> Segment: ...
+    def next_segment(self, step: int, steps_left: int, trunk: Trunk) -> Segment: ...
     def finish_segment(self, segment: Segment, result: dict) -> None: ...
     def heartbeat(self, step: int) -> None: ...
     def state_dict(self) -> dict: ...
@@ -72,7 +91,7 @@ class FixedSchedule:
     def __init__(self, betas: torch.Tensor):
         self.process = DiffusionProcess(betas)
 
-    def next_segment(self, step: int, steps_left: int) -> Segment:
+    def next_segment(self, step: int, steps_left: int, trunk: Trunk) -> Segment:
         return Segment(self.process, steps_left)
 
     def finish_segment(self, segment: Segment, result: dict) -> None:
@@ -116,16 +135,38 @@ def offline_fid(cfg: Config, model: torch.nn.Module, process: DiffusionProcess, 
     return {"fid_c10": value, "fid_c10_n": int(acts.shape[0])}
 
 
+EVALUATION = ("metrics", "fid", "samples")  # timer kinds that never count against a time budget
+
+
 @dataclass
 class Timers:
-    """Seconds spent in denoiser train steps and in everything else, by kind."""
+    """Wall seconds in denoiser train steps and in everything else, by kind; and the budget clock.
 
+    ``budget()`` is the clock's time since the start minus the time spent in evaluation
+    (:data:`EVALUATION`), on wall-clock or this process's CPU time.
+    """
+
+    clock: str = "wall"
     train: float = 0.0
     other: dict[str, float] = field(default_factory=dict)
+    excluded: float = 0.0  # budget-clock seconds spent in evaluation
+
+    def __post_init__(self) -> None:
+        self._clock = time.process_time if self.clock == "cpu" else time.perf_counter
+        self._start = self._clock()
+
+    def budget(self) -> float:
+        return self._clock() - self._start - self.excluded
+
+    def move(self, src: str, dst: str, seconds: float) -> None:
+        """Re-label ``seconds`` measured under ``src`` as ``dst`` (work nested inside a measured wait)."""
+        if seconds > 0:
+            self.other[src] = self.other.get(src, 0.0) - seconds
+            self.other[dst] = self.other.get(dst, 0.0) + seconds
 
     @contextlib.contextmanager
     def measure(self, kind: str):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), self._clock()
         try:
             yield
         finally:
@@ -134,12 +175,15 @@ class Timers:
                 self.train += dt
             else:
                 self.other[kind] = self.other.get(kind, 0.0) + dt
+            if kind in EVALUATION:
+                self.excluded += self._clock() - c
 
 
 class MetricsLog:
     """Rank 0's metrics: metrics.jsonl (one JSON object per interval) and TensorBoard events."""
 
     def __init__(self, run_dir: Path, resume_step: int):
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         kept = []
         if self.path.exists():  # drop records of steps after the checkpoint we resume from
@@ -168,146 +212,241 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (((seed * 1_000_003 + rank) << 32) + step) % 2**63
 
 
-def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path, schedules: ScheduleSource) -> dict:
-    """Train until cfg.train.steps; returns the last metrics record (rank 0's view)."""
-    tc = cfg.train
-    device = env.device
-    channels_last = tc.channels_last
-    torch.manual_seed(tc.seed)  # the same initial weights on every worker
-    model = UNet(cfg.model).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = env.prepare_model(model)
-    raw = getattr(model, "module", model)
-    optimizer = make_optimizer(raw, tc.lr, tc.weight_decay)
-    ema = EMA(raw, tc.ema_decay)
-    stream = BatchStream(data.train, tc.batch_size, env.rank, env.world_size, tc.grad_accum, cfg.data.seed)
-    opts = StepOptions(cfg.diffusion.min_snr_gamma, tc.bf16, tc.grad_clip)
+BRANCH_SALT = 0x5EED_B7A9C4  # branch draws never coincide with the trunk's
 
-    # 1. Resume from the latest checkpoint, if any.
-    step, wall_offset = 0, 0.0
-    state = env.resume_state()
-    if state is not None:
+
+class TrainingRun:
+    """One worker's training run: the phases of :func:`run_training` as methods."""
+
+    # ------------------------------------------------------------------ 1. build
+
+    def __init__(self, cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path, schedules: ScheduleSource):
+        self.cfg, self.env, self.run_dir, self.schedules = cfg, env, Path(run_dir), schedules
+        tc = cfg.train
+        self.tc = tc
+        torch.manual_seed(tc.seed)  # the same initial weights on every worker
+        model = UNet(cfg.model).to(env.device)
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = env.prepare_model(model)
+        self.raw = getattr(self.model, "module", self.model)
+        self.optimizer = make_optimizer(self.raw, tc.lr, tc.weight_decay)
+        self.ema = EMA(self.raw, tc.ema_decay)
+        self.stream = BatchStream(data.train, tc.batch_size, env.rank, env.world_size, tc.grad_accum, cfg.data.seed)
+        self.opts = StepOptions(cfg.diffusion.min_snr_gamma, tc.bf16, tc.grad_clip)
+        share = data.val.shape[0] // env.world_size  # the reference protocol on this worker's share
+        self.val_x0 = to_model_range(data.val[env.rank * share:(env.rank + 1) * share]).to(env.device)
+        self.ref = ReferenceProtocol(reference_process(cfg), self.val_x0, tc.ref_grid, seed=tc.seed + 1234,
+                                     batch=tc.val_batch)
+        self.gen = torch.Generator(device=env.device)  # re-seeded at every step, see train_one_step
+        self.timers = Timers(clock=tc.budget_clock)
+        self.step, self.wall_offset, self.budget_offset = 0, 0.0, 0.0
+        self.process: DiffusionProcess | None = None
+        self.eval_model = None
+        self._reference: dict | None = None  # the trunk's reference profile, cached for self.step
+        self._branch_s = 0.0  # wall seconds of branch rollouts since the last segment start
+
+    # ------------------------------------------------------------------ 2. resume
+
+    def resume(self) -> None:
+        state = self.env.resume_state()
+        if state is None:
+            return
         try:
-            raw.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            stream.load_state_dict(state["data"])
-            schedules.load_state_dict(state.get("schedule_source", {}))
+            self.raw.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.stream.load_state_dict(state["data"])
+            self.schedules.load_state_dict(state.get("schedule_source", {}))
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint at step {state.get('step')} does not fit this run: {e}") from None
-        step, wall_offset = int(state["step"]), float(state["wall_s"])
-        if env.rank == 0:
-            print(f"[akod] resumed from the checkpoint at step {step}", flush=True)
+        self.step, self.wall_offset = int(state["step"]), float(state["wall_s"])
+        self.budget_offset = float(state.get("budget_s", self.wall_offset))
+        if self.env.rank == 0:
+            print(f"[akod] resumed from the checkpoint at step {self.step}", flush=True)
 
-    # 2. The reference protocol on this worker's share of the held-out images.
-    share = data.val.shape[0] // env.world_size
-    val = data.val[env.rank * share:(env.rank + 1) * share]
-    val_x0 = to_model_range(val).to(device)
-    ref = ReferenceProtocol(reference_process(cfg), val_x0, tc.ref_grid, seed=tc.seed + 1234, batch=tc.val_batch)
-    log = MetricsLog(run_dir, step) if env.rank == 0 else None
-    eval_model = None
-    timers = Timers()
-    gen = torch.Generator(device=device)  # re-seeded at every step, see below
-    images_per_step = tc.batch_size
-    t0 = time.perf_counter()
-    last_log_t, last_log_step = t0, step
-    record: dict = {}
-    budget_spent = False
-    segment: Segment | None = None
-    seg_left = 0
-    process = None
+    # ------------------------------------------------------------------ clocks and state
 
-    def wall() -> float:
-        return wall_offset + time.perf_counter() - t0
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._t0
 
-    def checkpoint_state() -> dict:
+    def budget(self) -> float:
+        return self.budget_offset + self.timers.budget()
+
+    def checkpoint_state(self) -> dict:
         return {
-            "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "data": stream.state_dict(), "step": step, "wall_s": wall(), "betas": process.betas,
-            "config": config_to_dict(cfg), "schedule_source": schedules.state_dict(),
+            "model": self.raw.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "data": self.stream.state_dict(), "step": self.step, "wall_s": self.wall(), "budget_s": self.budget(),
+            "betas": self.process.betas, "config": config_to_dict(self.cfg),
+            "schedule_source": self.schedules.state_dict(),
         }
 
-    try:
-        while step < tc.steps and not budget_spent:
-            if seg_left == 0:
-                with timers.measure("schedule_wait"):
-                    segment = schedules.next_segment(step, tc.steps - step)
-                process, seg_left = segment.process, segment.length
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tc.lr, tc.warmup_steps)
-            with timers.measure("train"):
-                # t and noise depend only on (seed, rank, step), so a resumed run draws exactly
-                # what the uninterrupted run would have drawn (the generator is not checkpointed)
-                gen.manual_seed(step_seed(tc.seed, env.rank, step))
-                micro = stream.next(device, channels_last)
-                metrics = train_step(model, process, micro, optimizer, opts, gen)
-                loss = metrics["loss"].item()
-                check_finite(loss, step + 1)
-                ema.update(raw)
-            step += 1
-            seg_left -= 1
-            schedules.heartbeat(step)
+    # ------------------------------------------------------------------ 3b. one optimizer step
 
-            seg_ref_loss = None  # the segment's reference loss, reused by a metrics record at the same step
-            if seg_left == 0 and segment.request_id is not None:
-                with timers.measure("reward"):
-                    seg_ref_loss = env.all_reduce_mean(ref.loss(model, tc.bf16))
-                    result = {"ref_loss": seg_ref_loss, "step": step, "wall_s": wall()}
-                    if cfg.rl.reward == "paper":
-                        result["paper_loss"] = env.all_reduce_mean(schedule_loss(model, process, val_x0, bf16=tc.bf16))
-                    schedules.finish_segment(segment, result)
+    def train_one_step(self, process: DiffusionProcess, seed: int) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.tc.lr, self.tc.warmup_steps)
+        # t and noise depend only on (seed, rank, step), so a resumed run draws exactly what
+        # the uninterrupted run would have drawn (the generator is not checkpointed)
+        self.gen.manual_seed(seed)
+        micro = self.stream.next(self.env.device, self.tc.channels_last)
+        metrics = train_step(self.model, process, micro, self.optimizer, self.opts, self.gen)
+        loss = metrics["loss"].item()
+        check_finite(loss, self.step + 1)
+        return loss
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                with timers.measure("metrics"):
-                    # the same model at the same step gives the same (deterministic) reference loss
-                    ref_loss = seg_ref_loss if seg_ref_loss is not None else env.all_reduce_mean(ref.loss(model, tc.bf16))
-                    now = time.perf_counter()
-                    record = {
-                        "step": step, "wall_s": wall(), "loss": env.all_reduce_mean(loss), "ref_loss": ref_loss,
-                        "img_per_s": (step - last_log_step) * images_per_step / max(now - last_log_t, 1e-9),
-                        "lr": optimizer.param_groups[0]["lr"], "train_s": timers.train,
-                        **{f"other_{k}_s": v for k, v in timers.other.items()},
-                    }
-                    last_log_t, last_log_step = time.perf_counter(), step
-                    if tc.max_wall_s is not None and env.all_reduce_mean(float(wall() >= tc.max_wall_s)) > 0:
-                        budget_spent = True  # every worker sees the same all-reduced decision
-                    if log is not None:
-                        log.write(record)
-                        print(f"[akod] step {step}/{tc.steps} loss {record['loss']:.4f} ref_loss {ref_loss:.4f} "
-                              f"{record['img_per_s']:.1f} img/s lr {record['lr']:.2e} wall {record['wall_s']:.1f}s", flush=True)
+    # ------------------------------------------------------------------ the Trunk protocol
 
-            last = step == tc.steps or budget_spent
-            fid_due = last or (cfg.eval.fid_every > 0 and step % cfg.eval.fid_every == 0)
-            if fid_due:
-                with timers.measure("fid"):
-                    if eval_model is None:
-                        eval_model = UNet(cfg.model).to(device)
-                    ema.copy_to(eval_model)
-                    fid = offline_fid(cfg, eval_model, process, env, step)
-                    if fid and log is not None:
-                        record = dict(record, **fid)
-                        log.write({"step": step, "wall_s": record.get("wall_s", wall()), **fid})
-                        print(f"[akod] step {step} fid_c10 {fid['fid_c10']:.3f} (N={fid['fid_c10_n']})", flush=True)
+    def reference(self) -> dict:
+        """The trunk's reference loss profile at the current step (all-reduced; computed once per step)."""
+        if self._reference is None or self._reference["step"] != self.step:
+            profile = [self.env.all_reduce_mean(v) for v in self.ref.profile(self.model, self.tc.bf16)]
+            self._reference = {"ref_loss": sum(profile) / len(profile), "loss_profile": profile,
+                               "profile_logsnr": self.ref.grid_logsnr, "step": self.step}
+        return dict(self._reference)
 
-            if env.rank == 0 and (step % tc.sample_every == 0 or last):
-                with timers.measure("samples"):
-                    if eval_model is None:
-                        eval_model = UNet(cfg.model).to(device)
-                    ema.copy_to(eval_model)
-                    g = torch.Generator(device=device).manual_seed(tc.seed)
-                    n = cfg.eval.grid_size**2
-                    images = sample(eval_model, process, n, g, cfg.eval.sampler, cfg.eval.ddim_steps, cfg.eval.ddim_eta,
-                                    device, bf16=tc.bf16)
-                    save_grid(images, run_dir / "samples" / f"grid_{step:08d}.png", cfg.eval.grid_size)
+    def branch(self, process: DiffusionProcess, steps: int, salt: int = 0) -> dict:
+        """Train ``steps`` steps with ``process`` from the current weights, score, and undo.
 
-            if step % tc.ckpt_every == 0 or last:
-                with timers.measure("checkpoint"):
-                    env.report(record or {"step": step}, checkpoint_state() if env.rank == 0 else None, step)
-    finally:
-        if log is not None:
-            log.close()
-    record = dict(record)
-    record["train_s"] = timers.train
-    record.update({f"other_{k}_s": v for k, v in timers.other.items()})
-    return record
+        Every branch from the same trunk step (and ``salt``) sees the same t and noise draws
+        (common random numbers), and the same batches, so branches differ by their schedule
+        only. The EMA is untouched.
+        Returns the branch's reference loss (``ref_loss``) and the paper loss if asked for.
+        """
+        t = time.perf_counter()
+        model_state = copy.deepcopy(self.raw.state_dict())
+        opt_state = copy.deepcopy(self.optimizer.state_dict())
+        data_state = copy.deepcopy(self.stream.state_dict())
+        step = self.step
+        try:
+            for j in range(steps):
+                seed = step_seed(self.tc.seed, self.env.rank, step) + BRANCH_SALT * (salt + 1) + j
+                self.train_one_step(process, seed % 2**63)
+            profile = [self.env.all_reduce_mean(v) for v in self.ref.profile(self.model, self.tc.bf16)]
+            out = {"ref_loss": sum(profile) / len(profile)}
+            if self.cfg.rl.reward == "paper":
+                out["paper_loss"] = self.env.all_reduce_mean(schedule_loss(self.model, process, self.val_x0, bf16=self.tc.bf16))
+        finally:
+            self.raw.load_state_dict(model_state)
+            self.optimizer.load_state_dict(opt_state)
+            self.stream.load_state_dict(data_state)
+            self._branch_s += time.perf_counter() - t
+        return out
+
+    # ------------------------------------------------------------------ 3d. evaluation
+
+    def _eval_model(self):
+        if self.eval_model is None:
+            self.eval_model = UNet(self.cfg.model).to(self.env.device)
+        self.ema.copy_to(self.eval_model)
+        return self.eval_model
+
+    def metrics_record(self, loss: float, ref_loss: float | None, rate: tuple[float, float]) -> dict:
+        ref_loss = ref_loss if ref_loss is not None else self.reference()["ref_loss"]
+        last_t, last_step = rate
+        return {
+            "step": self.step, "wall_s": self.wall(), "budget_s": self.budget(), "loss": self.env.all_reduce_mean(loss),
+            "ref_loss": ref_loss,
+            "img_per_s": (self.step - last_step) * self.tc.batch_size / max(time.perf_counter() - last_t, 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"], "train_s": self.timers.train,
+            **{f"other_{k}_s": v for k, v in self.timers.other.items()},
+        }
+
+    def sample_grid(self) -> None:
+        g = torch.Generator(device=self.env.device).manual_seed(self.tc.seed)
+        n = self.cfg.eval.grid_size**2
+        images = sample(self._eval_model(), self.process, n, g, self.cfg.eval.sampler, self.cfg.eval.ddim_steps,
+                        self.cfg.eval.ddim_eta, self.env.device, bf16=self.tc.bf16)
+        save_grid(images, self.run_dir / "samples" / f"grid_{self.step:08d}.png", self.cfg.eval.grid_size)
+
+    # ------------------------------------------------------------------ 3. the loop
+
+    def budget_spent(self, log_due: bool) -> bool:
+        """Is the time budget spent? One process checks at every call; workers agree at log intervals."""
+        if self.tc.max_wall_s is None or not (log_due or self.env.world_size == 1):
+            return False
+        return self.env.all_reduce_mean(float(self.budget() >= self.tc.max_wall_s)) > 0
+
+    def after_step(self, loss: float, seg_ref_loss: float | None, last: bool) -> None:
+        """3d. The metrics record, fid_c10, sample grid and checkpoint that fall on this step."""
+        cfg, tc, env, timers = self.cfg, self.tc, self.env, self.timers
+        if self.step % tc.log_every == 0 or last:
+            with timers.measure("metrics"):
+                self.record = self.metrics_record(loss, seg_ref_loss, self.rate)
+                self.rate = (time.perf_counter(), self.step)
+                if self.log is not None:
+                    self.log.write(self.record)
+                    r = self.record
+                    print(f"[akod] step {self.step}/{tc.steps} loss {r['loss']:.4f} ref_loss {r['ref_loss']:.4f} "
+                          f"{r['img_per_s']:.1f} img/s lr {r['lr']:.2e} wall {r['wall_s']:.1f}s", flush=True)
+        if last or (cfg.eval.fid_every > 0 and self.step % cfg.eval.fid_every == 0):
+            with timers.measure("fid"):
+                fid = offline_fid(cfg, self._eval_model(), self.process, env, self.step)
+                if fid and self.log is not None:
+                    self.record = dict(self.record, **fid)
+                    self.log.write({"step": self.step, "wall_s": self.record.get("wall_s", self.wall()),
+                                    "budget_s": self.record.get("budget_s", self.budget()), **fid})
+                    print(f"[akod] step {self.step} fid_c10 {fid['fid_c10']:.3f} (N={fid['fid_c10_n']})", flush=True)
+        if env.rank == 0 and (self.step % tc.sample_every == 0 or last):
+            with timers.measure("samples"):
+                self.sample_grid()
+        if self.step % tc.ckpt_every == 0 or last:
+            with timers.measure("checkpoint"):
+                env.report(self.record or {"step": self.step}, self.checkpoint_state() if env.rank == 0 else None,
+                           self.step)
+
+    def run(self) -> dict:
+        cfg, tc, env, timers = self.cfg, self.tc, self.env, self.timers
+        self.log = MetricsLog(self.run_dir, self.step) if env.rank == 0 else None
+        self._t0 = time.perf_counter()
+        self.rate = (self._t0, self.step)
+        self.record = {}
+        segment: Segment | None = None
+        seg_left, loss = 0, math.nan
+        try:
+            while self.step < tc.steps:
+                if seg_left == 0:  # a. the segment's schedule (branch rollouts, if any, happen in here)
+                    with timers.measure("schedule_wait"):
+                        segment = self.schedules.next_segment(self.step, tc.steps - self.step, self)
+                    timers.move("schedule_wait", "branches", self._branch_s)  # the branches ran inside the wait
+                    self._branch_s = 0.0
+                    if self.step > 0 and self.budget_spent(log_due=False):
+                        # the rollouts spent the budget: the model stays as the last step left it
+                        self.after_step(loss, None, last=True)
+                        break
+                    self.process, seg_left = segment.process, segment.length
+                with timers.measure("train"):  # b. one optimizer step
+                    loss = self.train_one_step(self.process, step_seed(tc.seed, env.rank, self.step))
+                    self.ema.update(self.raw)
+                self.step += 1
+                seg_left -= 1
+                self.schedules.heartbeat(self.step)
+
+                seg_ref_loss = None  # c. the segment's reference profile, reused by a metrics record at this step
+                if seg_left == 0 and segment.request_id is not None:
+                    with timers.measure("reward"):
+                        result = dict(self.reference(), wall_s=self.wall())
+                        if cfg.rl.reward == "paper":
+                            result["paper_loss"] = env.all_reduce_mean(
+                                schedule_loss(self.model, self.process, self.val_x0, bf16=tc.bf16))
+                        seg_ref_loss = result["ref_loss"]
+                        self.schedules.finish_segment(segment, result)
+
+                spent = self.budget_spent(log_due=self.step % tc.log_every == 0)
+                self.after_step(loss, seg_ref_loss, last=self.step == tc.steps or spent)  # d. evaluation
+                if spent:
+                    break
+        finally:
+            if self.log is not None:
+                self.log.close()
+        record = dict(self.record)
+        record["train_s"] = timers.train
+        record.update({f"other_{k}_s": v for k, v in timers.other.items()})
+        return record
+
+
+def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path, schedules: ScheduleSource) -> dict:
+    """Train until cfg.train.steps (or the budget); returns the last metrics record (rank 0's view)."""
+    run = TrainingRun(cfg, data, env, run_dir, schedules)  # 1. build
+    run.resume()  # 2. resume
+    return run.run()  # 3. the loop

@@ -1,4 +1,4 @@
-"""Which schedule a run trains with: fixed (linear, cosine, a file) or the DKO's proposals."""
+"""Fixed schedules for the loop: linear, cosine, loglinear or a schedule file (the DKO's source lives in akod_ray.rl)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,6 @@ def fixed_betas(cfg: Config):
     return fixed_schedule(d.schedule, d.T)
 
 
-def make_schedule_source(cfg: Config, env, loop_config: dict):
-    if cfg.diffusion.schedule == "akod":
-        from akod_ray.training.akod_source import BrokerSchedule
-
-        return BrokerSchedule(cfg, env, loop_config["broker_name"], loop_config.get("run_dir"))
+def fixed_source(cfg: Config, env=None, loop_config: dict | None = None) -> FixedSchedule:
+    """The schedule source of a fixed arm (the signature of a loop_config ``source_factory``)."""
     return FixedSchedule(fixed_betas(cfg))

@@ -175,12 +175,8 @@ def fit(trainer: TorchTrainer):
     return result
 
 
-def train(cfg: Config, data_dir_flag: str | None = None, run_id: str | None = None, callbacks: list | None = None) -> dict:
-    """Train one arm; returns the last metrics record. ``run_id`` (a Tune trial id) names the AKOD broker."""
-    if cfg.diffusion.schedule == "akod":
-        from akod_ray.rl.driver import train_akod
-
-        return train_akod(cfg, data_dir_flag, run_id, callbacks)
+def train_fixed(cfg: Config, data_dir_flag: str | None = None, callbacks: list | None = None) -> dict:
+    """Train an arm with a fixed schedule (linear, cosine, loglinear, a file); returns the last metrics record."""
     fixed_betas(cfg)  # fail before starting anything if the schedule file is bad
     data_dir = data_dir_for(cfg, data_dir_flag)
     run_dir = cfg.run_dir

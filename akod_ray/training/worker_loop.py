@@ -20,7 +20,7 @@ from akod_ray.config import config_from_dict
 from akod_ray.data.sources import load_training_data
 from akod_ray.training.checkpoint import checkpoint_dir_name, load_state, save_state
 from akod_ray.training.loop import run_training
-from akod_ray.training.schedule_source import make_schedule_source
+from akod_ray.training.schedule_source import fixed_source
 
 
 class RayTrainEnv:
@@ -75,7 +75,11 @@ class RayTrainEnv:
 
 
 def train_worker(loop_config: dict) -> None:
-    """Per-worker entry point: 1. config, 2. env, 3. data, 4. schedules, 5. the loop."""
+    """Per-worker entry point: 1. config, 2. env, 3. data, 4. schedules, 5. the loop.
+
+    ``loop_config``: the config dict, data_dir, run_dir, cpus_per_worker, and optionally
+    ``source_factory(cfg, env, loop_config) -> ScheduleSource`` (default: the fixed schedule).
+    """
     cfg = config_from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     env = RayTrainEnv()
@@ -85,5 +89,6 @@ def train_worker(loop_config: dict) -> None:
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))  # for operators and fault tests
     data = load_training_data(cfg, loop_config.get("data_dir"))
-    schedules = make_schedule_source(cfg, env, loop_config)
+    # the AKOD driver passes its source (akod_ray.rl.worker_source); training/ never imports rl/
+    schedules = (loop_config.get("source_factory") or fixed_source)(cfg, env, loop_config)
     run_training(cfg, data, env, run_dir, schedules)
