@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -117,18 +116,14 @@ def policy_gain(cfg, data, steps: int, reps: int) -> dict:
 
     from akod_ray.diffusion.dko import DKO, learned_schedule
     from akod_ray.diffusion.process import DiffusionProcess
-    from akod_ray.rl.driver import make_observer
+    from akod_ray.rl.driver import make_observer, probe_pool_of
     from akod_ray.training.checkpoint import latest_checkpoint, load_state
     from akod_ray.training.local import LocalEnv
     from akod_ray.training.loop import FixedSchedule, TrainingRun
 
     state = load_state(latest_checkpoint(cfg.run_dir))
     dko = state["schedule_source"]["dko"]
-    g = torch.Generator().manual_seed(cfg.data.seed + 7)
-    from akod_ray.data.parquet import to_model_range
-
-    pool = to_model_range(data.train[torch.randperm(data.train.shape[0], generator=g)[: cfg.dko.probe_pool]])
-    observer = make_observer(cfg, pool)
+    observer = make_observer(cfg, probe_pool_of(cfg, data.train))
     final = learned_schedule(dko, observer, cfg.dko.hidden)
     initial = learned_schedule({"weights": DKO(cfg.dko.hidden).state_dict(), "context": dko["context"]}, observer,
                                cfg.dko.hidden)
@@ -220,7 +215,7 @@ def main() -> None:
     if args.report:
         from akod_science_report import write_report
 
-        write_report(args.out, args.arms)
+        write_report(args.out, args.arms, write_results=args.out.resolve() == OUT.resolve())
         return
     if args.worker_index is not None:
         worker(args.worker_index, args.workers, args)

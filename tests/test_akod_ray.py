@@ -46,11 +46,15 @@ def akod_args(root, name: str, *layers: dict) -> list[str]:
 
 
 def check_posted(run_dir, steps: int) -> list[dict]:
-    """Every schedule request answered exactly once, in order; reward = -(reference loss)."""
+    """Every schedule request answered exactly once, in order; reward = the relative fall of the
+    reference loss over the segment (rl.reward=improvement, the default)."""
     posted = read_jsonl(run_dir / "rl" / "posted.jsonl")
     assert [p["request_id"] for p in posted] == list(range(len(posted)))
-    for p in posted:
-        assert p["reward"] == -p["ref_loss"]
+    for prev, p in zip([None] + posted[:-1], posted):
+        assert p["kind"] == "trunk" and p["score_loss"] == p["ref_loss"]
+        if prev is not None:  # a segment starts where the previous one ended
+            assert p["before_loss"] == prev["ref_loss"]
+        assert p["reward"] == pytest.approx((p["before_loss"] - p["ref_loss"]) / p["before_loss"], rel=1e-12)
         assert p["step"] % K == 0 and 0 < p["step"] <= steps
     assert [p["step"] for p in posted] == sorted(p["step"] for p in posted)
     assert posted[-1]["step"] == steps
@@ -63,7 +67,7 @@ def check_iterations(run_dir, posted: list[dict], batch: int = 2) -> list[dict]:
     assert len(iterations) >= 2
     assert [it["iteration"] for it in iterations] == list(range(1, len(iterations) + 1))
     for i, it in enumerate(iterations):
-        rewards = [-p["ref_loss"] for p in posted[batch * i: batch * (i + 1)]]
+        rewards = [p["reward"] for p in posted[batch * i: batch * (i + 1)]]
         assert len(rewards) == batch and it["num_episodes"] == batch
         assert it["episode_return_mean"] == pytest.approx(sum(rewards) / batch, rel=1e-9, abs=1e-12), i
     return iterations
@@ -98,6 +102,19 @@ def test_akod_run_end_to_end(tmp_path, akod_runs, capsys):
     state = torch.load(run_dir / f"checkpoint_{steps:08d}" / "state.pt", weights_only=True)
     assert state["step"] == steps
     torch.testing.assert_close(state["betas"].to(torch.float64), betas.to(torch.float64), rtol=1e-12, atol=0)
+    # ... and the checkpoint's DKO (plain tensors) rebuilds it exactly, at the observation it was made at:
+    # the latest result the workers had posted when PPO stopped (the segment ending at step 40)
+    from akod_ray.config import load_config
+    from akod_ray.diffusion.dko import learned_schedule
+    from akod_ray.rl.driver import load_probe_pool, make_observer
+    from ray_helpers import CIFAR_DIR
+
+    cfg = load_config(run_dir / "config.yaml")
+    dko = state["schedule_source"]["dko"]
+    assert dko["context"]["progress"] == pytest.approx(40 / steps) and dko["context"]["loss_profile"]
+    assert dko["context"]["ref_loss"] == pytest.approx(logged[40], rel=1e-12)
+    rebuilt = learned_schedule(dko, make_observer(cfg, load_probe_pool(cfg, str(CIFAR_DIR))), cfg.dko.hidden)
+    assert torch.equal(rebuilt, state["betas"])
     from akod_ray.cli import main
 
     out = tmp_path / "akod.png"

@@ -49,6 +49,13 @@ def load_probe_pool(cfg: Config, data_dir: str | None) -> torch.Tensor:
     return to_model_range(load_images(data_dir, "train", count=n, seed=seed))
 
 
+def probe_pool_of(cfg: Config, train_images: torch.Tensor) -> torch.Tensor:
+    """The probe pool drawn from training images already in memory (uint8 [N, C, H, W]; seeded)."""
+    g = torch.Generator().manual_seed(cfg.data.seed + 7)
+    idx = torch.randperm(train_images.shape[0], generator=g)[: cfg.dko.probe_pool]
+    return to_model_range(train_images[idx])
+
+
 def make_observer(cfg: Config, pool: torch.Tensor) -> DKOObserver:
     d = cfg.dko
     return DKOObserver(pool, d.probe_size, d.kernel_size, cfg.diffusion.T, d.num_knots, d.logsnr_max, d.logsnr_min,
@@ -118,7 +125,8 @@ def run_ppo(cfg: Config, algo, client, observer: DKOObserver, run_dir: Path, tra
             iteration += 1
             state, betas = publish(cfg, algo, client, observer, run_dir, iteration)
             if M > 0:  # the trunk's next segment with the updated policy's deterministic schedule
-                client.wait_result(client.submit({"betas": betas.tolist(), "kind": "trunk", "context": state["context"]}))
+                client.wait_result(client.submit({"betas": betas.tolist(), "kind": "trunk", "context": state["context"],
+                                                  "dko": state}))
         except Exception as e:
             if broker_error(e) is not None and not training_alive():
                 break  # training finished (a time budget) or failed while PPO waited for a reward
@@ -132,7 +140,7 @@ def run_ppo(cfg: Config, algo, client, observer: DKOObserver, run_dir: Path, tra
         })
     if training_alive():  # 4. the learned schedule at the latest observation, for the rest of the run
         state, betas = publish(cfg, algo, client, observer, run_dir, iteration, final=True)
-        client.submit({"betas": betas.tolist(), "final": True, "context": state["context"]})
+        client.submit({"betas": betas.tolist(), "final": True, "context": state["context"], "dko": state})
     return iteration
 
 
@@ -219,9 +227,7 @@ def train_akod_local(cfg: Config, data, device: str | torch.device = "cpu") -> d
     run_dir = cfg.run_dir
     save_config(cfg, run_dir)
     broker = LocalBroker(cfg.rl.broker_timeout_s, name=broker_name(f"local-{run_dir.resolve()}"))
-    g = torch.Generator().manual_seed(cfg.data.seed + 7)
-    idx = torch.randperm(data.train.shape[0], generator=g)[: cfg.dko.probe_pool]
-    pool = to_model_range(data.train[idx])
+    pool = probe_pool_of(cfg, data.train)
     env_config = make_env_config(cfg, pool.numpy(), f"local-{run_dir.resolve()}", broker_client_factory=local_broker_client)
     algo = build_ppo(cfg, env_config)
     env = LocalEnv(run_dir, cfg.train.num_to_keep, device)

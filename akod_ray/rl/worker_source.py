@@ -54,6 +54,7 @@ class BrokerSchedule:
         self._before: dict | None = None  # the trunk's reference at the current segment's start
         self._requests: dict[int, dict] = {}  # rank 0: request metadata to echo in its result
         self._policy: dict | None = None  # the DKO state restored from a checkpoint, until the driver publishes
+        self._segment_policy: dict | None = None  # the DKO state of the trunk's current (deterministic) schedule
 
     def _take(self) -> tuple[int, str, list[float]]:
         """Rank 0: wait for the next request, giving up after rl.broker_timeout_s of silence."""
@@ -64,7 +65,7 @@ class BrokerSchedule:
             if req is not None:
                 rid, schedule = req
                 kind = "final" if schedule.get("final") else schedule.get("kind", "episode")
-                self._requests[rid] = {"context": schedule.get("context"), "kind": kind}
+                self._requests[rid] = {"context": schedule.get("context"), "kind": kind, "dko": schedule.get("dko")}
                 return rid, kind, schedule["betas"]
             if time.monotonic() - start > self.cfg.rl.broker_timeout_s:
                 raise BrokerTimeoutError(
@@ -89,6 +90,9 @@ class BrokerSchedule:
                 self._post(rid, before, {"score_loss": scored["ref_loss"], **scored, **before} | {"kind": "branch"})
                 continue
             self._before = trunk.reference() if kind != "final" else None
+            dko = (self._requests.get(rid) or {}).get("dko")
+            if dko is not None:  # the DKO state that made this deterministic schedule: what checkpoints store
+                self._segment_policy = dko
             length = steps_left if kind == "final" else min(self.K, steps_left)
             return Segment(process, length, rid)
 
@@ -115,7 +119,10 @@ class BrokerSchedule:
             self.last_beat = time.monotonic()
 
     def state_dict(self) -> dict:
-        """Rank 0: the DKO state the driver published last (weights and context), for the checkpoint."""
+        """Rank 0: the DKO state (weights and context) for the checkpoint: the one that made the trunk's
+        current schedule when that is the deterministic DKO's (``trunk``/``final``), else the latest published."""
+        if self._segment_policy is not None:
+            return {"dko": self._segment_policy}
         if self.client is not None:
             self._policy = self.client.policy_state() or self._policy
         return {"dko": self._policy} if self._policy is not None else {}

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from akod_ray.config import ARM_SPECS, Config, config_from_dict, config_to_dict
 from akod_ray.evaluation.metrics import read_metrics, time_to_target
@@ -73,22 +71,6 @@ def summarize(cfg: Config, point: dict) -> dict:
     if cfg.eval.target_fid is not None:
         out["time_to_fid_c10_s"] = time_to_target(records, "fid_c10", cfg.eval.target_fid)
     return out
-
-
-def make_trial_fn(base_dict: dict, run_root: str, data_dir: str | None):
-    """The Tune trainable: a plain function that runs one arm and reports its final numbers."""
-
-    def akod_trial(config: dict) -> None:
-        from akod_ray.run import train
-
-        base = config_from_dict(base_dict)
-        point = config["point"]
-        trial_id = tune.get_context().get_trial_id()
-        cfg = trial_config(base, point, run_root, trial_id)
-        train(cfg, data_dir, run_id=trial_id, callbacks=[TuneReportCallback()])
-        tune.report(summarize(cfg, point))
-
-    return akod_trial
 
 
 def replace_sweep(cfg: Config, **changes) -> Config:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import json
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ from akod_ray.errors import CheckpointError
 from akod_ray.models.unet import UNet
 from akod_ray.reporting.grids import save_grid
 from akod_ray.training.ema import EMA
-from akod_ray.training.step import ReferenceProtocol, StepOptions, check_finite, lr_at, make_optimizer, schedule_loss, train_step
+from akod_ray.training.fast_step import FastStep, resolve_compile, use_channels_last
+from akod_ray.training.step import ReferenceProtocol, StepOptions, lr_at, make_optimizer, schedule_loss
 
 
 class WorkerEnv(Protocol):
@@ -225,15 +225,22 @@ class TrainingRun:
         tc = cfg.train
         self.tc = tc
         torch.manual_seed(tc.seed)  # the same initial weights on every worker
+        mode, _ = resolve_compile(tc.compile, env.device, distributed=env.world_size > 1)
+        self.channels_last = use_channels_last(tc.channels_last, mode, env.device)  # NCHW when compiled on CUDA
         model = UNet(cfg.model).to(env.device)
-        if tc.channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = env.prepare_model(model)
         self.raw = getattr(self.model, "module", self.model)
         self.optimizer = make_optimizer(self.raw, tc.lr, tc.weight_decay)
         self.ema = EMA(self.raw, tc.ema_decay)
         self.stream = BatchStream(data.train, tc.batch_size, env.rank, env.world_size, tc.grad_accum, cfg.data.seed)
+        self.stream.move_to(env.device)  # the images on the accelerator when they fit (CIFAR-10: 150 MB)
         self.opts = StepOptions(cfg.diffusion.min_snr_gamma, tc.bf16, tc.grad_clip)
+        # The step, built once: tables on the device, no host sync inside, the EMA update included,
+        # compiled / captured per train.compile (one printed line if that fails and it falls back).
+        self.runner = FastStep(self.model, self.optimizer, self.opts, cfg.diffusion.T, tc.compile, ema=self.ema,
+                               log=print if env.rank == 0 else lambda _: None)
         share = data.val.shape[0] // env.world_size  # the reference protocol on this worker's share
         self.val_x0 = to_model_range(data.val[env.rank * share:(env.rank + 1) * share]).to(env.device)
         self.ref = ReferenceProtocol(reference_process(cfg), self.val_x0, tc.ref_grid, seed=tc.seed + 1234,
@@ -283,17 +290,20 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ 3b. one optimizer step
 
-    def train_one_step(self, process: DiffusionProcess, seed: int) -> float:
+    def train_one_step(self, process: DiffusionProcess, seed: int) -> None:
+        """One optimizer step and the EMA update. Nothing is read back: the loss is read, and
+        checked for NaN, at log intervals and before checkpoints (:meth:`read_loss`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.tc.lr, self.tc.warmup_steps)
         # t and noise depend only on (seed, rank, step), so a resumed run draws exactly what
         # the uninterrupted run would have drawn (the generator is not checkpointed)
         self.gen.manual_seed(seed)
-        micro = self.stream.next(self.env.device, self.tc.channels_last)
-        metrics = train_step(self.model, process, micro, self.optimizer, self.opts, self.gen)
-        loss = metrics["loss"].item()
-        check_finite(loss, self.step + 1)
-        return loss
+        self.runner(self.stream.next(self.env.device, self.channels_last), process, self.gen)
+
+    def read_loss(self, reset: bool = True) -> float:
+        """The mean training loss since the last read (one host sync); raises TrainingDivergedError
+        naming the step where it turned NaN or inf."""
+        return self.runner.read_loss(self.step, reset)
 
     # ------------------------------------------------------------------ the Trunk protocol
 
@@ -314,8 +324,7 @@ class TrainingRun:
         Returns the branch's reference loss (``ref_loss``) and the paper loss if asked for.
         """
         t = time.perf_counter()
-        model_state = copy.deepcopy(self.raw.state_dict())
-        opt_state = copy.deepcopy(self.optimizer.state_dict())
+        snapshot = self.runner.snapshot()  # weights, optimizer, EMA, loss sum: restored in place (no recapture)
         data_state = copy.deepcopy(self.stream.state_dict())
         step = self.step
         try:
@@ -327,8 +336,7 @@ class TrainingRun:
             if self.cfg.rl.reward == "paper":
                 out["paper_loss"] = self.env.all_reduce_mean(schedule_loss(self.model, process, self.val_x0, bf16=self.tc.bf16))
         finally:
-            self.raw.load_state_dict(model_state)
-            self.optimizer.load_state_dict(opt_state)
+            self.runner.restore(snapshot)
             self.stream.load_state_dict(data_state)
             self._branch_s += time.perf_counter() - t
         return out
@@ -367,12 +375,12 @@ class TrainingRun:
             return False
         return self.env.all_reduce_mean(float(self.budget() >= self.tc.max_wall_s)) > 0
 
-    def after_step(self, loss: float, seg_ref_loss: float | None, last: bool) -> None:
+    def after_step(self, seg_ref_loss: float | None, last: bool) -> None:
         """3d. The metrics record, fid_c10, sample grid and checkpoint that fall on this step."""
         cfg, tc, env, timers = self.cfg, self.tc, self.env, self.timers
         if self.step % tc.log_every == 0 or last:
             with timers.measure("metrics"):
-                self.record = self.metrics_record(loss, seg_ref_loss, self.rate)
+                self.record = self.metrics_record(self.read_loss(), seg_ref_loss, self.rate)
                 self.rate = (time.perf_counter(), self.step)
                 if self.log is not None:
                     self.log.write(self.record)
@@ -392,6 +400,7 @@ class TrainingRun:
                 self.sample_grid()
         if self.step % tc.ckpt_every == 0 or last:
             with timers.measure("checkpoint"):
+                self.read_loss(reset=False)  # a diverged run never overwrites its last good checkpoint
                 env.report(self.record or {"step": self.step}, self.checkpoint_state() if env.rank == 0 else None,
                            self.step)
 
@@ -402,7 +411,7 @@ class TrainingRun:
         self.rate = (self._t0, self.step)
         self.record = {}
         segment: Segment | None = None
-        seg_left, loss = 0, math.nan
+        seg_left = 0
         try:
             while self.step < tc.steps:
                 if seg_left == 0:  # a. the segment's schedule (branch rollouts, if any, happen in here)
@@ -412,12 +421,11 @@ class TrainingRun:
                     self._branch_s = 0.0
                     if self.step > 0 and self.budget_spent(log_due=False):
                         # the rollouts spent the budget: the model stays as the last step left it
-                        self.after_step(loss, None, last=True)
+                        self.after_step(None, last=True)
                         break
                     self.process, seg_left = segment.process, segment.length
-                with timers.measure("train"):  # b. one optimizer step
-                    loss = self.train_one_step(self.process, step_seed(tc.seed, env.rank, self.step))
-                    self.ema.update(self.raw)
+                with timers.measure("train"):  # b. one optimizer step (the EMA update included)
+                    self.train_one_step(self.process, step_seed(tc.seed, env.rank, self.step))
                 self.step += 1
                 seg_left -= 1
                 self.schedules.heartbeat(self.step)
@@ -433,7 +441,7 @@ class TrainingRun:
                         self.schedules.finish_segment(segment, result)
 
                 spent = self.budget_spent(log_due=self.step % tc.log_every == 0)
-                self.after_step(loss, seg_ref_loss, last=self.step == tc.steps or spent)  # d. evaluation
+                self.after_step(seg_ref_loss, last=self.step == tc.steps or spent)  # d. evaluation
                 if spent:
                     break
         finally:

@@ -1,0 +1,88 @@
+"""The AKOD arm in one process (LocalBroker, LocalEnv, real RLlib PPO): branch rollouts, the reward,
+and the schedule kept (issue 11): what the trunk trained with after PPO stopped, the exported
+schedule.json and the schedule rebuilt from a checkpoint's DKO state are the same numbers, and
+they are the DKO's deterministic output at the latest observation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import torch
+
+from akod_ray.config import load_config
+from akod_ray.data.sources import load_training_data
+from akod_ray.diffusion.dko import DKOContext, learned_schedule
+from akod_ray.diffusion.schedules import load_schedule
+from akod_ray.rl.driver import make_observer, probe_pool_of, train_akod_local
+from akod_ray.rl.worker_source import BrokerSchedule
+from akod_ray.training.checkpoint import latest_checkpoint, load_state
+from akod_ray.training.local import LocalEnv
+from ray_helpers import TUNE_CONFIGS
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def tiny(tmp_path, name: str, *extra: str):
+    return load_config(TUNE_CONFIGS / "tiny_akod.yaml", [
+        "data.source=procedural", "data.train_subset=128", "data.val_size=8", "train.batch_size=8",
+        f"run.root={tmp_path}", f"run.name={name}", "train.log_every=4", "train.sample_every=1000",
+        "rl.segment_steps=4", "dko.probe_pool=32", "dko.probe_size=8", "eval.fid_samples=8", "eval.ddim_steps=2",
+        *extra])
+
+
+def test_branch_rollouts_share_their_start_and_the_trunk_keeps_the_dko_that_made_its_schedule(
+        tmp_path, local_ray, torch_single_thread):
+    cfg = tiny(tmp_path, "branches", "train.steps=12", "train.ckpt_every=4", "rl.branches=2", "rl.branch_steps=2",
+               "rl.train_batch=2", "rl.minibatch_size=6")
+    data = load_training_data(cfg, None)
+    last = train_akod_local(cfg, data)
+    assert last["step"] == 12 and last["other_branches_s"] > 0
+    posted = [json.loads(x) for x in (cfg.run_dir / "rl" / "posted.jsonl").read_text().splitlines()]
+    kinds = [p["kind"] for p in posted]
+    # PPO while another iteration fits (12 steps, segments of 4): rounds at steps 0 and 4, then the final
+    assert kinds == ["branch", "branch", "trunk", "branch", "branch", "trunk", "trunk"], kinds
+    for round_ in (posted[0:2], posted[3:5]):
+        assert round_[0]["before_loss"] == round_[1]["before_loss"] == round_[0]["ref_loss"]  # the trunk's, shared
+        for p in round_:
+            assert p["reward"] == pytest.approx((p["before_loss"] - p["score_loss"]) / p["before_loss"], rel=1e-12)
+    assert posted[3]["before_loss"] == posted[2]["ref_loss"]  # the next round starts where the trunk segment ended
+
+    # the schedule the trunk trained with after PPO stopped == schedule.json == rebuilt from the checkpoint
+    state = load_state(latest_checkpoint(cfg.run_dir))
+    dko = state["schedule_source"]["dko"]
+    exported = load_schedule(cfg.run_dir / "schedule.json", cfg.diffusion.T)
+    observer = make_observer(cfg, probe_pool_of(cfg, data.train))
+    rebuilt = learned_schedule(dko, observer, cfg.dko.hidden)
+    assert torch.equal(rebuilt, state["betas"]) and torch.equal(exported, state["betas"])
+    assert json.loads((cfg.run_dir / "schedule.json").read_text())["final"] is True
+    # ... made at the latest observation: the trunk segment that ended at step 8 and the last episode's probe
+    ctx = DKOContext.from_dict(dko["context"])
+    assert ctx.progress == pytest.approx(8 / 12) and ctx.ref_loss == posted[5]["ref_loss"]
+    assert ctx.loss_profile and ctx.probe_seed == posted[5]["context"]["probe_seed"]
+    # a resumed worker restores the same DKO state into its next checkpoint
+    source = BrokerSchedule(cfg, LocalEnv(cfg.run_dir), None)
+    source.load_state_dict(state["schedule_source"])
+    assert source.state_dict()["dko"] is dko
+
+
+def test_without_branches_the_trunk_segments_are_the_episodes(tmp_path, local_ray, torch_single_thread):
+    cfg = tiny(tmp_path, "episodes", "train.steps=16", "train.ckpt_every=8", "rl.train_batch=2", "rl.minibatch_size=6")
+    last = train_akod_local(cfg, load_training_data(cfg, None))
+    posted = [json.loads(x) for x in (cfg.run_dir / "rl" / "posted.jsonl").read_text().splitlines()]
+    # one iteration (the segments ending at 4 and 8), then the final schedule for the remaining 8 steps
+    assert last["ppo_iterations"] == 1 and [p["kind"] for p in posted] == ["trunk"] * 3
+    assert [p["step"] for p in posted] == [4, 8, 16]
+    iterations = [json.loads(x) for x in (cfg.run_dir / "rl" / "iterations.jsonl").read_text().splitlines()]
+    assert iterations[0]["episode_return_mean"] == pytest.approx((posted[0]["reward"] + posted[1]["reward"]) / 2)
