@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -316,3 +317,34 @@ def kill_pid(pid: int, run: AkodRun, timeout: float = 30) -> None:
     check_ray_worker(pid, run)
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(pid), timeout, f"worker {pid} to die")
+
+
+class FakeRank0(threading.Thread):
+    """Rank 0 of the workers without training: takes schedules from the broker and posts
+    ``result(betas, step)`` (a dict with the reward) at once, stepping by 10 per request."""
+
+    def __init__(self, handle, result):
+        super().__init__(daemon=True)
+        from akod_ray.rl.broker import BrokerClient
+
+        self.client = BrokerClient(handle, timeout_s=30.0)
+        self.result = result
+        self.posted: list[float] = []
+
+    def run(self):
+        from akod_ray.rl.broker import BrokerClosedError
+
+        first, step = True, 0
+        while True:
+            try:
+                req = self.client.next_request(0.5, resume=first)
+            except BrokerClosedError:
+                return
+            first = False
+            if req is None:
+                continue
+            rid, sched = req
+            step += 10
+            out = self.result(sched["betas"], step)
+            self.posted.append(out["reward"])
+            self.client.post_result(rid, out)

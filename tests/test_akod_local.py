@@ -86,3 +86,46 @@ def test_without_branches_the_trunk_segments_are_the_episodes(tmp_path, local_ra
     assert [p["step"] for p in posted] == [4, 8, 16]
     iterations = [json.loads(x) for x in (cfg.run_dir / "rl" / "iterations.jsonl").read_text().splitlines()]
     assert iterations[0]["episode_return_mean"] == pytest.approx((posted[0]["reward"] + posted[1]["reward"]) / 2)
+
+
+class Payload:
+    """Unpickling this runs code: it touches a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_an_akod_resume_never_unpickles_what_is_planted_in_the_run_folder(tmp_path, local_ray, torch_single_thread):
+    """Issue 12: the AKOD driver's resume reads the Train checkpoint and the broker state as plain data only;
+    a payload planted in the broker state or in an RLlib checkpoint folder never runs."""
+    import pickle
+
+    from akod_ray.errors import CheckpointError
+    from akod_ray.rl.driver import load_broker_state, resume_policy
+    from akod_ray.rl.env import make_env_config
+    from akod_ray.rl.ppo import build_ppo, rl_state_dict
+
+    cfg = tiny(tmp_path, "payload", "train.steps=8", "train.ckpt_every=4", "rl.train_batch=1", "rl.minibatch_size=3")
+    data = load_training_data(cfg, None)
+    train_akod_local(cfg, data)
+    marker = tmp_path / "payload_ran"
+    rl = cfg.run_dir / "rl"
+    (rl / "algorithm").mkdir()
+    for name in ("algorithm_state.pkl", "rllib_checkpoint.json", "class_and_ctor_args.pkl"):
+        (rl / "algorithm" / name).write_bytes(pickle.dumps(Payload(marker)))
+    torch.save({"x": Payload(marker)}, rl / "broker_state.pt")
+
+    with pytest.raises(CheckpointError, match="broker_state.pt' is not plain data"):
+        load_broker_state(rl / "broker_state.pt")
+    algo = build_ppo(cfg, make_env_config(cfg, probe_pool_of(cfg, data.train).numpy(), "payload"))
+    try:
+        dko = resume_policy(algo, cfg.run_dir)  # the policy comes back from the checkpoint's plain tensors
+        assert dko is not None
+        restored = rl_state_dict(algo)
+        assert all(torch.equal(restored[k], v) for k, v in dko["module"].items())
+    finally:
+        algo.stop()
+    assert not marker.exists()

@@ -8,7 +8,6 @@ test can check that PPO saw exactly the rewards the "workers" posted.
 from __future__ import annotations
 
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from akod_ray.config import Config, DiffusionConfig, DKOConfig, RLConfig, TrainC
 from akod_ray.diffusion.dko import DKO, uniform_logsnr_betas
 from akod_ray.diffusion.schedules import validate_betas
 from akod_ray.rl.broker import BrokerClient, BrokerClosedError, get_or_create_broker
+from ray_helpers import FakeRank0
 from akod_ray.rl.env import make_env_config
 from akod_ray.rl.ppo import (
     broker_error,
@@ -50,27 +50,9 @@ def schedule_reward(betas: list[float]) -> float:
     return -float(((log_snr - target) ** 2).mean()) / 100
 
 
-class FakeRank0(threading.Thread):
-    def __init__(self, handle):
-        super().__init__(daemon=True)
-        self.client = BrokerClient(handle, timeout_s=30.0)
-        self.posted: list[float] = []
-
-    def run(self):
-        first, step = True, 0
-        while True:
-            try:
-                req = self.client.next_request(0.5, resume=first)
-            except BrokerClosedError:
-                return
-            first = False
-            if req is None:
-                continue
-            rid, sched = req
-            step += 10
-            r = schedule_reward(sched["betas"])
-            self.posted.append(r)
-            self.client.post_result(rid, {"reward": r, "ref_loss": 0.1 - r, "step": step})
+def fake_result(betas, step: int) -> dict:
+    r = schedule_reward(betas)
+    return {"reward": r, "ref_loss": 0.1 - r, "step": step}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +60,7 @@ def setup():
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     handle = get_or_create_broker(RUN)
-    rank0 = FakeRank0(handle)
+    rank0 = FakeRank0(handle, fake_result)
     rank0.start()
     probe = np.random.default_rng(0).uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32)
     env_config = make_env_config(CFG, probe, RUN)

@@ -8,7 +8,6 @@ high log-SNR. The optimum (reward 0) is reachable by the knot builder; the start
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -17,9 +16,10 @@ import ray
 import torch
 
 from akod_ray.config import Config, DiffusionConfig, DKOConfig, RLConfig, TrainConfig
-from akod_ray.rl.broker import BrokerClient, BrokerClosedError, get_or_create_broker
+from akod_ray.rl.broker import BrokerClient, get_or_create_broker
 from akod_ray.rl.env import make_env_config
 from akod_ray.rl.ppo import build_ppo, deterministic_schedule
+from ray_helpers import FakeRank0
 
 RUN = "ppo-learns"
 CFG = Config(
@@ -39,29 +39,11 @@ def reward_of(betas) -> float:
     return -float(((log_snr - target) ** 2).mean()) / 10
 
 
-class Rank0(threading.Thread):
-    def __init__(self, handle):
-        super().__init__(daemon=True)
-        self.client = BrokerClient(handle, timeout_s=30.0)
-
-    def run(self):
-        first = True
-        while True:
-            try:
-                req = self.client.next_request(0.5, resume=first)
-            except BrokerClosedError:
-                return
-            first = False
-            if req is not None:
-                rid, sched = req
-                self.client.post_result(rid, {"reward": reward_of(sched["betas"]), "ref_loss": 0.1, "step": 10})
-
-
 @pytest.mark.timeout(180)
 def test_ppo_return_rises_on_a_task_with_a_known_optimum():
     ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     handle = get_or_create_broker(RUN)
-    rank0 = Rank0(handle)
+    rank0 = FakeRank0(handle, lambda betas, step: {"reward": reward_of(betas), "ref_loss": 0.1, "step": step})
     rank0.start()
     probe = np.random.default_rng(0).uniform(-1, 1, (16, 3, 16, 16)).astype(np.float32)
     env_config = make_env_config(CFG, probe, RUN)

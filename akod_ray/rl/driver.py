@@ -36,6 +36,7 @@ from akod_ray.rl.broker import BrokerClient, broker_name, get_or_create_broker
 from akod_ray.rl.env import make_env_config
 from akod_ray.rl.ppo import broker_error, build_ppo, load_rl_state_dict, policy_state
 from akod_ray.rl.worker_source import make_broker_schedule
+from akod_ray.errors import CheckpointError
 from akod_ray.training.checkpoint import atomic_torch_save, latest_checkpoint, load_state
 
 # ----------------------------------------------------------------- 1. setup
@@ -60,6 +61,18 @@ def make_observer(cfg: Config, pool: torch.Tensor) -> DKOObserver:
     d = cfg.dko
     return DKOObserver(pool, d.probe_size, d.kernel_size, cfg.diffusion.T, d.num_knots, d.logsnr_max, d.logsnr_min,
                        d.min_segment_share)
+
+
+def load_broker_state(path: Path) -> dict:
+    """The broker's saved state (plain data, ``weights_only``); anything else is a CheckpointError naming the file."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad or hostile file
+        raise CheckpointError(f"broker state {str(path)!r} is not plain data ({type(e).__name__}); "
+                              "remove it to restart the AKOD run's PPO bookkeeping") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"broker state {str(path)!r} holds a {type(state).__name__}, not a mapping")
+    return state
 
 
 def resume_policy(algo, run_dir: Path) -> dict | None:
@@ -193,7 +206,7 @@ def train_akod(cfg: Config, data_dir: str | None, run_id: str | None = None, cal
     client = BrokerClient(broker, cfg.rl.broker_timeout_s)
     broker_state = run_dir / "rl" / "broker_state.pt"
     if broker_state.exists():
-        client.set_state(torch.load(broker_state, weights_only=True), only_if_fresh=True)
+        client.set_state(load_broker_state(broker_state), only_if_fresh=True)
     pool = load_probe_pool(cfg, data_dir)
     algo = build_ppo(cfg, make_env_config(cfg, pool.numpy(), run_id))
     dko = resume_policy(algo, run_dir)
