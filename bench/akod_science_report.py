@@ -190,6 +190,13 @@ def write_report(out: Path, arms: list[str], write_results: bool = True) -> None
             figures["akod_vs_cosine_time_to_target_ratio"] = None
             notes.append(f"AKOD reached cosine's final fid_c10 ({target_fid:.2f}) in {sum(x is not None for x in t_a)} of "
                          f"{len(t_a)} seeds within the budget: the time-to-target ratio is undefined (reported as null).")
+    for other in ("loglinear", "baseline", "min_snr"):  # AKOD against its own starting point and the other fixed arms
+        od = {r["seed"]: r for r in by_arm.get(other, [])}
+        common = sorted(set(akod) & set(od))
+        if common:
+            m, lo, hi = ci95([akod[s]["fid_c10_final"] / od[s]["fid_c10_final"] for s in common])
+            figures[f"akod_vs_{other}_fid_c10_ratio"] = m
+            figures[f"akod_vs_{other}_fid_c10_ratio_ci95"] = [lo, hi]
     gains = {r["seed"]: [p["final"] - p["initial"] for p in r["gain_pairs"]] for r in by_arm.get("akod", []) if "gain_pairs" in r}
     if gains:
         per_seed = [float(np.mean(g)) for g in gains.values()]

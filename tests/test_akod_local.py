@@ -58,6 +58,7 @@ def test_branch_rollouts_share_their_start_and_the_trunk_keeps_the_dko_that_made
         for p in round_:
             assert p["reward"] == pytest.approx((p["before_loss"] - p["score_loss"]) / p["before_loss"], rel=1e-12)
     assert posted[3]["before_loss"] == posted[2]["ref_loss"]  # the next round starts where the trunk segment ended
+    assert posted[6]["before_loss"] == posted[5]["ref_loss"]  # so does the final segment
 
     # the schedule the trunk trained with after PPO stopped == schedule.json == rebuilt from the checkpoint
     state = load_state(latest_checkpoint(cfg.run_dir))

@@ -89,7 +89,7 @@ class BrokerSchedule:
                 scored = trunk.branch(process, self.cfg.rl.branch_steps)
                 self._post(rid, before, {"score_loss": scored["ref_loss"], **scored, **before} | {"kind": "branch"})
                 continue
-            self._before = trunk.reference() if kind != "final" else None
+            self._before = trunk.reference()  # cached: the previous segment's end computed it
             dko = (self._requests.get(rid) or {}).get("dko")
             if dko is not None:  # the DKO state that made this deterministic schedule: what checkpoints store
                 self._segment_policy = dko
@@ -98,8 +98,7 @@ class BrokerSchedule:
 
     def finish_segment(self, segment: Segment, result: dict) -> None:
         """The segment's end: ``result`` is the trunk's reference now (ref_loss, loss_profile, step, ...)."""
-        before = self._before or result
-        self._post(segment.request_id, before, dict(result, score_loss=result["ref_loss"], kind="trunk"))
+        self._post(segment.request_id, self._before, dict(result, score_loss=result["ref_loss"], kind="trunk"))
 
     def _post(self, rid: int, before: dict, result: dict) -> None:
         if self.client is None:
