@@ -17,7 +17,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from akod_ray.config import Config, config_to_dict, save_config
-from akod_ray.data.parquet import resolve_data_dir
+from akod_ray.data.parquet import check_schema, resolve_data_dir
 from akod_ray.errors import AkodError, ConfigError, DataError
 from akod_ray.training.schedule_source import fixed_betas
 
@@ -92,12 +92,10 @@ def check_parquet_files(folder: Path) -> None:
         if not path.is_file():
             raise DataError(f"data file {str(path)!r} does not exist")
         try:
-            columns = pq.read_schema(path).names
+            schema = pq.read_schema(path)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"data file {str(path)!r} is not a readable Parquet file: {e}") from None
-        missing = {"image", "label"} - set(columns)
-        if missing:
-            raise DataError(f"data file {str(path)!r} lacks column(s) {sorted(missing)}")
+        check_schema(path, schema)
 
 
 def unwrap_worker_error(err: BaseException) -> BaseException:
