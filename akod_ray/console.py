@@ -21,7 +21,7 @@ FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:(?P<name>[\w.:-]+) )?pid=(?P<p
                        re.DOTALL)
 RAY_PROCESS = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|gcs_server|autoscaler|monitor)[^)]*\)")
 OWN_LINE = "[akod]"  # rank 0's progress, resume and fid_c10 lines (on the workers' stdout)
-RESTART_LINE = "[FailurePolicy]"  # Ray Train's decision after a worker failure (RETRY / RAISE): worth seeing
+RESTART_LINE = "[FailurePolicy]"  # Ray Train's decision after a worker failure: RETRY is shown, RAISE only logged
 
 
 class _Filter:
@@ -84,7 +84,8 @@ class RayConsole:
             return None
         msg = m.group("msg")
         if msg.startswith(RESTART_LINE):
-            return msg
+            # RETRY is news (a worker group restarts); RAISE is followed by akod's own one-line error
+            return None if "RAISE" in msg else msg
         if not show_own or not msg.startswith(OWN_LINE):
             return None
         name = self._trial(m.group("pid"))

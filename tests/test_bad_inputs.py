@@ -1013,6 +1013,7 @@ def test_an_error_inside_a_ray_worker_is_one_line_naming_the_file(tmp_path, base
                                    "--set", "data.train_subset=null", "--data-dir", d),
                           capture_output=True, text=True, env=akod_env(), cwd=REPO, timeout=600)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
     [line] = proc.stderr.splitlines()  # Ray's forwarded lines (the worker's traceback) are in RUN/ray.log
     assert re.fullmatch(rf"akod: error: {re.escape(str(d))}/train\.parquet, row 7: cannot decode image: .*", line), line
     assert "(pid=" not in proc.stdout and "Traceback" not in proc.stdout

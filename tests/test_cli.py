@@ -257,6 +257,7 @@ def test_ray_console_shows_akod_lines_named_by_trial_and_keeps_the_rest(tmp_path
         "(raylet) some raylet line",
         "\x1b[36m(RayTrainWorker pid=999)\x1b[0m [akod] step 5/10 loss 0.2",
         "\x1b[36m(TrainController pid=17)\x1b[0m [FailurePolicy] RETRY",
+        "\x1b[36m(TrainController pid=17)\x1b[0m [FailurePolicy] RAISE",  # logged: akod's one-line error follows
     ]
     with RayConsole(log, runs):
         print("\n".join(forwarded))
