@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from akod_ray.evaluation.metrics import last_value, series
 from common import loadavg, merge_results, meta_record
 
 
@@ -39,7 +40,7 @@ def fmt(t: tuple[float, float, float], digits: int = 3) -> str:
 
 def curve(result: dict, key: str) -> list[tuple[float, float]]:
     """(budget seconds, value) of every record of the run that has ``key``."""
-    return [(r["budget_s"], r[key]) for r in result["records"] if key in r and "budget_s" in r]
+    return list(zip(*series(result["records"], key, x="budget_s")))
 
 
 def time_to(points: list[tuple[float, float]], target: float) -> float | None:
@@ -56,8 +57,8 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
 
 
 def final_of(result: dict, key: str) -> float:
-    pts = curve(result, key)
-    return pts[-1][1] if pts else math.nan
+    last = last_value(result["records"], key)
+    return last[0] if last is not None else math.nan
 
 
 EVALUATION = ("fid", "samples", "metrics")

@@ -69,7 +69,7 @@ def everything_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")) if Path(folder).exists() else []
 
 
-def expect_one_line(capsys, argv: list[str], pattern: str, prog: str = "akod") -> str:
+def assert_one_line(capsys, argv: list[str], pattern: str, prog: str = "akod") -> str:
     """Run the CLI; exit status 2, exactly one line on stderr matching ``<prog>: error: <pattern>``, no traceback."""
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -257,13 +257,13 @@ def _case_id(case) -> str:
 def test_bad_config_value(capsys, no_ray, tmp_path, base_yaml, sets, pattern):
     root = tmp_path / "root"
     argv = ["train", base_yaml, "--set", f"run.root={root}"] + [a for s in sets for a in ("--set", s)]
-    expect_one_line(capsys, argv, pattern)
+    assert_one_line(capsys, argv, pattern)
     assert everything_under(tmp_path) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_workers_without_a_gpu(capsys, no_ray, tmp_path, base_yaml):
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", "train.use_gpu=true"],
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", "train.use_gpu=true"],
                     r"train\.num_workers must be <= the 0 GPU\(s\) of this machine with train\.use_gpu=true .*, got 1")
 
 
@@ -293,7 +293,7 @@ SWEEP_CASES = [
 @pytest.mark.parametrize("sets, pattern", SWEEP_CASES, ids=[_case_id(c) for c in SWEEP_CASES])
 def test_bad_sweep_value(capsys, no_ray, tmp_path, base_yaml, sets, pattern):
     argv = ["sweep", base_yaml, "--set", f"run.root={tmp_path}"] + [a for s in sets for a in ("--set", s)]
-    expect_one_line(capsys, argv, pattern)
+    assert_one_line(capsys, argv, pattern)
     assert everything_under(tmp_path) == []
 
 
@@ -331,16 +331,16 @@ FILE_CASES = [
 def test_bad_config_file(capsys, no_ray, tmp_path, name, content, pattern):
     path = tmp_path / f"{name}.yaml"
     path.write_bytes(content)
-    expect_one_line(capsys, ["train", path, "--set", f"run.root={tmp_path / 'root'}"], pattern.format(p=re.escape(str(path))))
+    assert_one_line(capsys, ["train", path, "--set", f"run.root={tmp_path / 'root'}"], pattern.format(p=re.escape(str(path))))
     assert not (tmp_path / "root").exists()
 
 
 def test_missing_config_file(capsys, no_ray, tmp_path):
-    expect_one_line(capsys, ["train", tmp_path / "nope.yaml"], rf"config file '{re.escape(str(tmp_path))}/nope\.yaml' does not exist")
+    assert_one_line(capsys, ["train", tmp_path / "nope.yaml"], rf"config file '{re.escape(str(tmp_path))}/nope\.yaml' does not exist")
 
 
 def test_config_file_is_a_folder(capsys, no_ray, tmp_path):
-    expect_one_line(capsys, ["sweep", tmp_path], rf"config file '{re.escape(str(tmp_path))}' is not a file")
+    assert_one_line(capsys, ["sweep", tmp_path], rf"config file '{re.escape(str(tmp_path))}' is not a file")
 
 
 SET_SYNTAX = [
@@ -357,14 +357,14 @@ SET_SYNTAX = [
 
 @pytest.mark.parametrize("item, pattern", SET_SYNTAX, ids=[c[0][:40] for c in SET_SYNTAX])
 def test_malformed_set(capsys, no_ray, tmp_path, base_yaml, item, pattern):
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", item], pattern)
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", item], pattern)
     assert everything_under(tmp_path) == []
 
 
 def test_run_root_is_a_file(capsys, no_ray, tmp_path, base_yaml):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={blocker}"],
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={blocker}"],
                     rf"run folder \(run\.root/run\.name\) '{re.escape(str(blocker))}/bad' cannot be created or written: "
                     rf"'{re.escape(str(blocker))}' is not a folder")
     assert everything_under(tmp_path) == ["file"]
@@ -372,7 +372,7 @@ def test_run_root_is_a_file(capsys, no_ray, tmp_path, base_yaml):
 
 def test_run_folder_is_a_file(capsys, no_ray, tmp_path, base_yaml):
     (tmp_path / "bad").write_text("x")
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}"],
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}"],
                     rf"run folder \(run\.root/run\.name\) '{re.escape(str(tmp_path))}/bad' exists and is not a folder")
 
 
@@ -380,7 +380,7 @@ def test_run_folder_is_a_file(capsys, no_ray, tmp_path, base_yaml):
 def test_run_root_without_write_permission(capsys, no_ray, tmp_path, base_yaml):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={locked}"],
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={locked}"],
                     rf"run folder \(run\.root/run\.name\) '.*' cannot be created or written: no write permission on '.*locked'")
 
 
@@ -499,19 +499,19 @@ def test_bad_data_file(capsys, no_ray, tmp_path, base_yaml, name, spoil, sets, p
     root = tmp_path / "root"
     argv = ["train", base_yaml, "--set", f"run.root={root}", "--set", "data.source=cifar10", "--set", "data.train_subset=32",
             "--data-dir", d] + [a for s in sets for a in ("--set", s)]
-    expect_one_line(capsys, argv, pattern.format(d=re.escape(str(d))))
+    assert_one_line(capsys, argv, pattern.format(d=re.escape(str(d))))
     assert not root.exists()
 
 
 def test_missing_data_folder_from_the_config(capsys, no_ray, tmp_path, base_yaml):
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", "data.source=cifar10",
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", "data.source=cifar10",
                              "--set", f"data.data_dir={tmp_path}/none"],
                     rf"data folder '{re.escape(str(tmp_path))}/none' \(from data\.data_dir\) has no train\.parquet")
 
 
 def test_missing_data_folder_from_the_environment(capsys, no_ray, tmp_path, base_yaml, monkeypatch):
     monkeypatch.setenv("AKOD_DATA_DIR", str(tmp_path / "none"))
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", "data.source=cifar10"],
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={tmp_path}", "--set", "data.source=cifar10"],
                     rf"data folder '{re.escape(str(tmp_path))}/none' \(from AKOD_DATA_DIR\) has no train\.parquet")
 
 
@@ -550,7 +550,7 @@ def _schedule_file(tmp_path: Path, name: str, content) -> Path:
 def test_bad_schedule_file_for_training(capsys, no_ray, tmp_path, base_yaml, name, content, pattern):
     path = _schedule_file(tmp_path, name, content)
     root = tmp_path / "root"
-    expect_one_line(capsys, ["train", base_yaml, "--set", f"run.root={root}", "--set", "diffusion.schedule=file",
+    assert_one_line(capsys, ["train", base_yaml, "--set", f"run.root={root}", "--set", "diffusion.schedule=file",
                              "--set", f"diffusion.schedule_file={path}"], pattern.format(p=re.escape(str(path))))
     assert not root.exists()
 
@@ -635,7 +635,7 @@ CKPT_CASES = [
 def test_bad_checkpoint_content(capsys, tmp_path, name, make, pattern):
     ckpt = make_checkpoint(tmp_path / "run", make())
     out = tmp_path / "out" / "grid.png"
-    expect_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
+    assert_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
                     pattern.format(f=re.escape(str(ckpt / "state.pt")), c=re.escape(str(ckpt))))
     assert not (tmp_path / "out").exists()
 
@@ -666,7 +666,7 @@ def test_bad_checkpoint_file(capsys, tmp_path, name, spoil, pattern):
     ckpt = make_checkpoint(tmp_path / "run")
     spoil(ckpt)
     out = tmp_path / "grid.png"
-    expect_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
+    assert_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
                     pattern.format(f=re.escape(str(ckpt / "state.pt"))))
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
@@ -674,7 +674,7 @@ def test_bad_checkpoint_file(capsys, tmp_path, name, spoil, pattern):
 def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(capsys, tmp_path):
     marker = tmp_path / "payload_ran"
     ckpt = make_checkpoint(tmp_path / "run", _state(extra=Payload(marker)))
-    line = expect_one_line(capsys, ["sample", ckpt, "--out", tmp_path / "x.png"],
+    line = assert_one_line(capsys, ["sample", ckpt, "--out", tmp_path / "x.png"],
                            rf"checkpoint file '{re.escape(str(ckpt))}/state\.pt' is corrupt or truncated: it holds Python "
                            r"objects other than tensors and plain data, which are never loaded \(weights_only=True\).*")
     assert not marker.exists()
@@ -682,12 +682,12 @@ def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(capsys, 
 
 
 def test_a_missing_checkpoint(capsys, tmp_path):
-    expect_one_line(capsys, ["sample", tmp_path / "nope", "--out", tmp_path / "x.png"],
+    assert_one_line(capsys, ["sample", tmp_path / "nope", "--out", tmp_path / "x.png"],
                     rf"checkpoint file '{re.escape(str(tmp_path))}/nope' does not exist")
 
 
 def test_a_run_folder_without_checkpoints(capsys, tmp_path):
-    expect_one_line(capsys, ["sample", tmp_path, "--out", tmp_path / "x.png"],
+    assert_one_line(capsys, ["sample", tmp_path, "--out", tmp_path / "x.png"],
                     rf"no checkpoint_XXXXXXXX folder with a state\.pt under '{re.escape(str(tmp_path))}'")
 
 
@@ -723,23 +723,23 @@ SAMPLE_ARG_CASES = [
 @pytest.mark.parametrize("args, prog, pattern", SAMPLE_ARG_CASES, ids=[" ".join(c[0])[:30] for c in SAMPLE_ARG_CASES])
 def test_bad_sample_argument(capsys, tmp_path, good_run, args, prog, pattern):
     out = tmp_path / "grid.png"
-    expect_one_line(capsys, ["sample", good_run, "--out", out, *args], pattern, prog=prog)
+    assert_one_line(capsys, ["sample", good_run, "--out", out, *args], pattern, prog=prog)
     assert everything_under(tmp_path) == []
 
 
 def test_sample_without_out(capsys, good_run):
-    expect_one_line(capsys, ["sample", good_run], r"the following arguments are required: --out", prog="akod sample")
+    assert_one_line(capsys, ["sample", good_run], r"the following arguments are required: --out", prog="akod sample")
 
 
 def test_sample_out_is_a_folder(capsys, tmp_path, good_run):
-    expect_one_line(capsys, ["sample", good_run, "--out", tmp_path, "--n", "1"],
+    assert_one_line(capsys, ["sample", good_run, "--out", tmp_path, "--n", "1"],
                     rf"--out '{re.escape(str(tmp_path))}' is a folder; give a file name")
     assert everything_under(tmp_path) == []
 
 
 def test_sample_out_under_a_file(capsys, tmp_path, good_run):
     f = _blocker(tmp_path)
-    expect_one_line(capsys, ["sample", good_run, "--out", f / "x.png", "--n", "1"],
+    assert_one_line(capsys, ["sample", good_run, "--out", f / "x.png", "--n", "1"],
                     rf"--out '{re.escape(str(f))}/x\.png' cannot be written: '{re.escape(str(f))}' is not a folder")
     assert everything_under(tmp_path) == ["a_file"]
 
@@ -748,7 +748,7 @@ def test_sample_out_under_a_file(capsys, tmp_path, good_run):
 def test_bad_schedule_file_for_sampling(capsys, tmp_path, good_run, name, content, pattern):
     path = _schedule_file(tmp_path, name, content)
     out = tmp_path / "grid.png"
-    expect_one_line(capsys, ["sample", good_run, "--out", out, "--schedule", path, "--n", "1"],
+    assert_one_line(capsys, ["sample", good_run, "--out", out, "--schedule", path, "--n", "1"],
                     pattern.format(p=re.escape(str(path))))
     assert not out.exists()
 
@@ -756,7 +756,7 @@ def test_bad_schedule_file_for_sampling(capsys, tmp_path, good_run, name, conten
 def test_schedule_file_of_another_T_for_sampling(capsys, tmp_path, good_run):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"betas": [0.01] * (CKPT_T + 1)}))
-    expect_one_line(capsys, ["sample", good_run, "--out", tmp_path / "g.png", "--schedule", path, "--n", "1"],
+    assert_one_line(capsys, ["sample", good_run, "--out", tmp_path / "g.png", "--schedule", path, "--n", "1"],
                     rf"schedule file '{re.escape(str(path))}': betas must have shape \[{CKPT_T}\], got \[{CKPT_T + 1}\]")
 
 
@@ -801,7 +801,7 @@ def test_bad_fid_statistics(capsys, tmp_path, good_run, name, content, pattern):
         np.save(open(path, "wb"), np.zeros(3))
     elif content is not None:
         path.write_bytes(content)
-    expect_one_line(capsys, ["fid", good_run, "--ref", path, "--n", "2", "--steps", "2"],
+    assert_one_line(capsys, ["fid", good_run, "--ref", path, "--n", "2", "--steps", "2"],
                     pattern.format(p=re.escape(str(path))))
 
 
@@ -825,7 +825,7 @@ def test_bad_fid_argument(capsys, tmp_path, good_run, args, prog, pattern):
     _npz(ref, **_stats())
     fill = {"run": str(good_run), "ref": str(ref), "tmp": str(tmp_path)}
     before = everything_under(tmp_path)
-    expect_one_line(capsys, [a.format(**fill) for a in args], pattern.format(**{k: re.escape(v) for k, v in fill.items()}),
+    assert_one_line(capsys, [a.format(**fill) for a in args], pattern.format(**{k: re.escape(v) for k, v in fill.items()}),
                     prog=prog)
     assert everything_under(tmp_path) == before
 
@@ -833,7 +833,7 @@ def test_bad_fid_argument(capsys, tmp_path, good_run, args, prog, pattern):
 def test_inception_weights_that_do_not_exist(capsys, tmp_path, good_run):
     ref = tmp_path / "ref.npz"
     _npz(ref, **_stats(2048, "pytorch-fid InceptionV3 pool3 (2048-d)"))
-    expect_one_line(capsys, ["fid", good_run, "--ref", ref, "--inception-weights", tmp_path / "none.pth"],
+    assert_one_line(capsys, ["fid", good_run, "--ref", ref, "--inception-weights", tmp_path / "none.pth"],
                     rf"Inception weights '{re.escape(str(tmp_path))}/none\.pth' \(from --inception-weights\) do not exist")
 
 
@@ -843,7 +843,7 @@ def test_inception_weights_with_a_code_payload(capsys, tmp_path, good_run):
     torch.save({"x": Payload(marker)}, weights)
     ref = tmp_path / "ref.npz"
     _npz(ref, **_stats(2048, "pytorch-fid InceptionV3 pool3 (2048-d)"))
-    expect_one_line(capsys, ["fid", good_run, "--ref", ref, "--inception-weights", weights, "--n", "2", "--steps", "2"],
+    assert_one_line(capsys, ["fid", good_run, "--ref", ref, "--inception-weights", weights, "--n", "2", "--steps", "2"],
                     rf"Inception weights '{re.escape(str(weights))}' are corrupt or not the FID Inception: it holds Python "
                     r"objects other than tensors .*")
     assert not marker.exists()
@@ -853,11 +853,11 @@ def test_inception_weights_with_a_code_payload(capsys, tmp_path, good_run):
 
 
 def test_report_of_a_missing_folder(capsys, tmp_path):
-    expect_one_line(capsys, ["report", tmp_path / "none"], rf"report: '{re.escape(str(tmp_path))}/none' is not a folder")
+    assert_one_line(capsys, ["report", tmp_path / "none"], rf"report: '{re.escape(str(tmp_path))}/none' is not a folder")
 
 
 def test_report_of_a_folder_without_runs(capsys, tmp_path):
-    expect_one_line(capsys, ["report", tmp_path],
+    assert_one_line(capsys, ["report", tmp_path],
                     rf"report: no runs under '{re.escape(str(tmp_path))}' \(a run folder holds config\.yaml and metrics\.jsonl\)")
     assert everything_under(tmp_path) == []
 
@@ -872,7 +872,7 @@ def _a_run(folder: Path, config_text: str = "diffusion:\n  schedule: cosine\n") 
 def test_report_out_under_a_file(capsys, tmp_path):
     run = _a_run(tmp_path / "run")
     f = _blocker(tmp_path)
-    expect_one_line(capsys, ["report", run, "--out", f / "r.md"],
+    assert_one_line(capsys, ["report", run, "--out", f / "r.md"],
                     rf"--out '{re.escape(str(f))}/r\.md' cannot be written: '{re.escape(str(f))}' is not a folder")
     assert everything_under(run) == ["config.yaml", "metrics.jsonl"]
 
@@ -880,30 +880,30 @@ def test_report_out_under_a_file(capsys, tmp_path):
 def test_report_out_is_a_file_used_as_folder(capsys, tmp_path):
     run = _a_run(tmp_path / "run")
     f = _blocker(tmp_path)
-    expect_one_line(capsys, ["report", run, "--out", f], rf"--out '{re.escape(str(f))}' exists and is not a folder")
+    assert_one_line(capsys, ["report", run, "--out", f], rf"--out '{re.escape(str(f))}' exists and is not a folder")
     assert everything_under(run) == ["config.yaml", "metrics.jsonl"]
 
 
 def test_data_prepare_into_a_file(capsys, tmp_path):
     f = _blocker(tmp_path)
-    expect_one_line(capsys, ["data", "prepare", "cifar10", "--out", f], rf"--out '{re.escape(str(f))}' exists and is not a folder")
+    assert_one_line(capsys, ["data", "prepare", "cifar10", "--out", f], rf"--out '{re.escape(str(f))}' exists and is not a folder")
 
 
 def test_data_prepare_of_an_unknown_dataset(capsys, tmp_path):
-    expect_one_line(capsys, ["data", "prepare", "imagenet", "--out", tmp_path],
+    assert_one_line(capsys, ["data", "prepare", "imagenet", "--out", tmp_path],
                     r"argument name: invalid choice: 'imagenet' \(choose from 'cifar10'\)", prog="akod data prepare")
 
 
 def test_unknown_command(capsys):
-    expect_one_line(capsys, ["trian"], r"argument command: invalid choice: 'trian' \(choose from .*\)")
+    assert_one_line(capsys, ["trian"], r"argument command: invalid choice: 'trian' \(choose from .*\)")
 
 
 def test_no_command(capsys):
-    expect_one_line(capsys, [], r"the following arguments are required: command")
+    assert_one_line(capsys, [], r"the following arguments are required: command")
 
 
 def test_sweep_resume_without_a_sweep(capsys, no_ray, tmp_path, base_yaml):
-    expect_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}", "--resume"],
+    assert_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}", "--resume"],
                     rf"no sweep to resume in '{re.escape(str(tmp_path))}/badsweep' \(it has no config\.yaml\); run without "
                     r"--resume first")
 
@@ -918,7 +918,7 @@ def _started_sweep(tmp_path: Path, base_yaml: Path) -> Path:
 
 def test_sweep_started_twice(capsys, no_ray, tmp_path, base_yaml):
     sweep = _started_sweep(tmp_path, base_yaml)
-    expect_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}"],
+    assert_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}"],
                     rf"sweep folder '{re.escape(str(sweep))}' already holds a sweep; pass --resume to continue it or set "
                     r"sweep\.name to start another")
     assert everything_under(sweep) == ["config.yaml"]
@@ -926,7 +926,7 @@ def test_sweep_started_twice(capsys, no_ray, tmp_path, base_yaml):
 
 def test_sweep_resumed_with_another_config(capsys, no_ray, tmp_path, base_yaml):
     sweep = _started_sweep(tmp_path, base_yaml)
-    expect_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}", "--set", "train.lr=0.01", "--resume"],
+    assert_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}", "--set", "train.lr=0.01", "--resume"],
                     rf"train\.lr is 0\.01 but the sweep in '{re.escape(str(sweep))}' was started with 0\.0001; resume with "
                     r"the same config, or set sweep\.name to start another")
 
@@ -934,7 +934,7 @@ def test_sweep_resumed_with_another_config(capsys, no_ray, tmp_path, base_yaml):
 def test_sweep_resumed_with_a_corrupt_saved_config(capsys, no_ray, tmp_path, base_yaml):
     sweep = _started_sweep(tmp_path, base_yaml)
     (sweep / "config.yaml").write_text("train: [\n")
-    expect_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}", "--resume"],
+    assert_one_line(capsys, ["sweep", base_yaml, "--set", f"run.root={tmp_path}", "--resume"],
                     rf"cannot resume the sweep in '{re.escape(str(sweep))}': config file '.*' is not valid YAML: .*")
 
 

@@ -65,7 +65,7 @@ class BrokerSchedule:
             if req is not None:
                 rid, schedule = req
                 kind = "final" if schedule.get("final") else schedule.get("kind", "episode")
-                self._requests[rid] = {"context": schedule.get("context"), "kind": kind, "dko": schedule.get("dko")}
+                self._requests[rid] = {"context": schedule.get("context"), "dko": schedule.get("dko")}
                 return rid, kind, schedule["betas"]
             if time.monotonic() - start > self.cfg.rl.broker_timeout_s:
                 raise BrokerTimeoutError(
@@ -87,7 +87,8 @@ class BrokerSchedule:
             if kind == "episode" and self.cfg.rl.branches > 0:
                 before = trunk.reference()
                 scored = trunk.branch(process, self.cfg.rl.branch_steps)
-                self._post(rid, before, {"score_loss": scored["ref_loss"], **scored, **before} | {"kind": "branch"})
+                # the trunk's state (ref_loss, profile, step: the DKO's next observation) over the branch's own
+                self._post(rid, before, {**scored, **before, "score_loss": scored["ref_loss"], "kind": "branch"})
                 continue
             self._before = trunk.reference()  # cached: the previous segment's end computed it
             dko = (self._requests.get(rid) or {}).get("dko")

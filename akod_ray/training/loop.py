@@ -307,10 +307,18 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ the Trunk protocol
 
+    def _profile(self) -> list[float]:
+        """The model's reference loss profile now, all-reduced over the workers."""
+        return [self.env.all_reduce_mean(v) for v in self.ref.profile(self.model, self.tc.bf16)]
+
+    def _paper_loss(self, process: DiffusionProcess) -> float:
+        """The paper's reward term under ``process``, all-reduced (rl.reward=paper only)."""
+        return self.env.all_reduce_mean(schedule_loss(self.model, process, self.val_x0, bf16=self.tc.bf16))
+
     def reference(self) -> dict:
-        """The trunk's reference loss profile at the current step (all-reduced; computed once per step)."""
+        """The trunk's reference loss profile at the current step (computed once per step, then cached)."""
         if self._reference is None or self._reference["step"] != self.step:
-            profile = [self.env.all_reduce_mean(v) for v in self.ref.profile(self.model, self.tc.bf16)]
+            profile = self._profile()
             self._reference = {"ref_loss": sum(profile) / len(profile), "loss_profile": profile,
                                "profile_logsnr": self.ref.grid_logsnr, "step": self.step}
         return dict(self._reference)
@@ -331,10 +339,10 @@ class TrainingRun:
             for j in range(steps):
                 seed = step_seed(self.tc.seed, self.env.rank, step) + BRANCH_SALT * (salt + 1) + j
                 self.train_one_step(process, seed % 2**63)
-            profile = [self.env.all_reduce_mean(v) for v in self.ref.profile(self.model, self.tc.bf16)]
+            profile = self._profile()
             out = {"ref_loss": sum(profile) / len(profile)}
             if self.cfg.rl.reward == "paper":
-                out["paper_loss"] = self.env.all_reduce_mean(schedule_loss(self.model, process, self.val_x0, bf16=self.tc.bf16))
+                out["paper_loss"] = self._paper_loss(process)
         finally:
             self.runner.restore(snapshot)
             self.stream.load_state_dict(data_state)
@@ -349,12 +357,11 @@ class TrainingRun:
         self.ema.copy_to(self.eval_model)
         return self.eval_model
 
-    def metrics_record(self, loss: float, ref_loss: float | None, rate: tuple[float, float]) -> dict:
-        ref_loss = ref_loss if ref_loss is not None else self.reference()["ref_loss"]
+    def metrics_record(self, loss: float, rate: tuple[float, float]) -> dict:
         last_t, last_step = rate
         return {
             "step": self.step, "wall_s": self.wall(), "budget_s": self.budget(), "loss": self.env.all_reduce_mean(loss),
-            "ref_loss": ref_loss,
+            "ref_loss": self.reference()["ref_loss"],  # a segment end at this step already computed it
             "img_per_s": (self.step - last_step) * self.tc.batch_size / max(time.perf_counter() - last_t, 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"], "train_s": self.timers.train,
             **{f"other_{k}_s": v for k, v in self.timers.other.items()},
@@ -375,12 +382,12 @@ class TrainingRun:
             return False
         return self.env.all_reduce_mean(float(self.budget() >= self.tc.max_wall_s)) > 0
 
-    def after_step(self, seg_ref_loss: float | None, last: bool) -> None:
+    def after_step(self, last: bool) -> None:
         """3d. The metrics record, fid_c10, sample grid and checkpoint that fall on this step."""
         cfg, tc, env, timers = self.cfg, self.tc, self.env, self.timers
         if self.step % tc.log_every == 0 or last:
             with timers.measure("metrics"):
-                self.record = self.metrics_record(self.read_loss(), seg_ref_loss, self.rate)
+                self.record = self.metrics_record(self.read_loss(), self.rate)
                 self.rate = (time.perf_counter(), self.step)
                 if self.log is not None:
                     self.log.write(self.record)
@@ -421,7 +428,7 @@ class TrainingRun:
                     self._branch_s = 0.0
                     if self.step > 0 and self.budget_spent(log_due=False):
                         # the rollouts spent the budget: the model stays as the last step left it
-                        self.after_step(None, last=True)
+                        self.after_step(last=True)
                         break
                     self.process, seg_left = segment.process, segment.length
                 with timers.measure("train"):  # b. one optimizer step (the EMA update included)
@@ -430,18 +437,15 @@ class TrainingRun:
                 seg_left -= 1
                 self.schedules.heartbeat(self.step)
 
-                seg_ref_loss = None  # c. the segment's reference profile, reused by a metrics record at this step
-                if seg_left == 0 and segment.request_id is not None:
+                if seg_left == 0 and segment.request_id is not None:  # c. the segment's result
                     with timers.measure("reward"):
                         result = dict(self.reference(), wall_s=self.wall())
                         if cfg.rl.reward == "paper":
-                            result["paper_loss"] = env.all_reduce_mean(
-                                schedule_loss(self.model, self.process, self.val_x0, bf16=tc.bf16))
-                        seg_ref_loss = result["ref_loss"]
+                            result["paper_loss"] = self._paper_loss(self.process)
                         self.schedules.finish_segment(segment, result)
 
                 spent = self.budget_spent(log_due=self.step % tc.log_every == 0)
-                self.after_step(seg_ref_loss, last=self.step == tc.steps or spent)  # d. evaluation
+                self.after_step(last=self.step == tc.steps or spent)  # d. evaluation
                 if spent:
                     break
         finally:
