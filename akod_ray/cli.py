@@ -71,6 +71,20 @@ def _eta(text: str) -> float:
     return value
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --grid, --eta: each defaults to the checkpoint's eval config."""
+    from akod_ray.config import SAMPLERS, SAMPLING_GRIDS
+
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddpm, ddim, diffusers' dpmpp_2m | unipc | euler | heun, or adaptive (default: eval.sampler)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="network evaluations per image (default: eval.sampler_steps; ddpm always takes T)")
+    p.add_argument("--grid", choices=SAMPLING_GRIDS, default=None,
+                   help="sampling grid: common (uniform in log-SNR, every arm alike) or own (the training schedule) "
+                        "(default: eval.sampling_grid)")
+    p.add_argument("--eta", type=_eta, default=None, help="DDIM eta in [0, 1] (default: eval.ddim_eta)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="akod", description="Adaptive Kernel Optimized Diffusion on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder (checkpoint_XXXXXXXX) or a run folder (its latest)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--n", type=_int_in(1, 65_536), default=64, help="number of images")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (at most the checkpoint's T)")
-    p.add_argument("--eta", type=_eta, default=0.0, help="DDIM eta in [0, 1]")
+    _sampling_args(p)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--schedule", help="schedule file (e.g. a learned schedule.json) instead of the checkpoint's")
     p.add_argument("--device", default="cpu")
@@ -107,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="reference statistics .npz")
     p.add_argument("--out", help="where 'akod fid stats' writes the .npz")
     p.add_argument("--n", type=_int_in(2, 100_000), default=10_000, help="number of samples")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=_positive_int, default=50)
-    p.add_argument("--eta", type=_eta, default=0.0)
+    _sampling_args(p)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--inception-weights", help="path to pt_inception-2015-12-05-6726825d.pth (air-gapped clusters)")
     p.add_argument("--data-dir")
@@ -138,6 +148,22 @@ def _console(args, log: Path, runs_dir: Path | None = None):
     return RayConsole(log, runs_dir)
 
 
+@contextlib.contextmanager
+def _ray_session(args, log: Path, runs_dir: Path | None = None):
+    """:func:`_console`, and Ray shut down before it closes when this command started Ray: Ray prints the
+    lines it held back as repeats ("[repeated 2x across cluster]", a failing controller's traceback among
+    them) when it disconnects, and those belong in ``log`` with the rest, not after akod's one-line error."""
+    import ray
+
+    with _console(args, log, runs_dir):
+        started_here = not ray.is_initialized()
+        try:
+            yield
+        finally:
+            if started_here and ray.is_initialized():
+                ray.shutdown()
+
+
 def start_ray(cfg) -> None:
     """Start or join Ray; a failure to start is one line naming the cause, not Ray's traceback."""
     from akod_ray.training import trainer
@@ -161,7 +187,7 @@ def cmd_train(args) -> int:
     from akod_ray.run import train
 
     preflight_train(cfg, args.data_dir)
-    with _console(args, cfg.run_dir / "ray.log"):
+    with _ray_session(args, cfg.run_dir / "ray.log"):
         start_ray(cfg)
         last = train(cfg, args.data_dir)
     print(f"[akod] run finished: {cfg.run_dir.resolve()}  (step {last.get('step')}, ref_loss {last.get('ref_loss')})")
@@ -181,7 +207,7 @@ def cmd_sweep(args) -> int:
 
     preflight_sweep(cfg, args.data_dir)
     sweep_dir = Path(cfg.run.root) / cfg.sweep.name
-    with _console(args, sweep_dir / "ray.log", sweep_dir / "runs"):
+    with _ray_session(args, sweep_dir / "ray.log", sweep_dir / "runs"):
         out = run_sweep(args.config, args.overrides, args.data_dir, resume=args.resume, start_ray=start_ray,
                         verbose=args.verbose)
     print(f"[akod] sweep finished; report: {out}")
@@ -208,18 +234,12 @@ def check_device(text: str):
     return device
 
 
-def check_steps(args, T: int) -> None:
-    if args.sampler == "ddim" and args.steps > T:
-        raise AkodError(f"--steps must be <= diffusion.T={T} of the checkpoint (DDIM takes a subset of its steps), "
-                        f"got {args.steps}")
-
-
 def cmd_sample(args) -> int:
     import torch
 
     from akod_ray.diffusion.process import DiffusionProcess
-    from akod_ray.diffusion.samplers import sample
     from akod_ray.diffusion.schedules import load_schedule
+    from akod_ray.evaluation.sampling import check_sampling, describe_sampling, sample_as_configured
     from akod_ray.preflight import check_output_file
     from akod_ray.reporting.grids import save_grid
     from akod_ray.training.checkpoint import load_for_sampling
@@ -229,15 +249,16 @@ def cmd_sample(args) -> int:
     model, process, cfg = load_for_sampling(_checkpoint_path(args.checkpoint), device)
     if args.schedule:
         process = DiffusionProcess(load_schedule(args.schedule, cfg.diffusion.T))
-    check_steps(args, process.T)
+    record = check_sampling(cfg, process, sampler=args.sampler, steps=args.steps, grid=args.grid)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    images = sample(model, process, args.n, g, args.sampler, args.steps, args.eta, device)
+    images = sample_as_configured(cfg, model, process, args.n, g, device, sampler=args.sampler, steps=args.steps,
+                                  eta=args.eta, grid=args.grid)
     nrow = max(1, int(round(args.n**0.5)))
     try:
         out = save_grid(images, out, nrow)
     except OSError as e:
         raise AkodError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
-    print(f"[akod] wrote {args.n} samples ({args.sampler}) to {out}")
+    print(f"[akod] wrote {args.n} samples ({describe_sampling(record)}) to {out}")
     return 0
 
 
@@ -275,7 +296,7 @@ def cmd_fid(args) -> int:
         raise AkodError("akod fid needs a CHECKPOINT and --ref STATS.npz (or 'akod fid stats --out FILE.npz')")
     result = fid.fid_from_checkpoint(_checkpoint_path(args.checkpoint), args.ref, n=args.n, seed=args.seed,
                                      sampler=args.sampler, steps=args.steps, eta=args.eta, weights=weights,
-                                     device=device)
+                                     device=device, grid=args.grid)
     print(f"[akod] {result}")
     return 0
 
@@ -328,20 +349,27 @@ def report_error(message: str) -> None:
     print("akod: error: " + " ".join(message.split()), file=sys.stderr)
 
 
+# The environment of a run without --verbose (the console shows akod's own lines, ray.log keeps the rest):
+# Ray's own logger at error level, and no deduplication of forwarded lines: Ray counts two lines that differ
+# only in their numbers as repeats, so the progress line of one of two concurrent trials was shown as
+# "[repeated 2x across cluster]" on the other's, and held-back lines came out when Ray disconnected.
+QUIET_RAY = {"RAY_LOGGER_LEVEL": "error", "RAY_DEDUP_LOGS": "0"}
+
+
 def main(argv: list[str] | None = None) -> int:
     # Run folders (and what Ray writes into them from this process's children) get no group or world
     # write permission: who may write there decides what a resume reads (docs/cluster.md).
     umask = os.umask(0o022)
     os.umask(umask | 0o022)
-    ray_logger_level = os.environ.get("RAY_LOGGER_LEVEL")
+    saved_env = {name: os.environ.get(name) for name in QUIET_RAY}
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)
             return e.code if isinstance(e.code, int) else 2
         if not getattr(args, "verbose", True):
-            # read when ray is first imported (ray_constants); also quiets the Ray processes this one starts
-            os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
+            for name, value in QUIET_RAY.items():  # read when ray is first imported; inherited by the Ray processes
+                os.environ.setdefault(name, value)
         try:
             return COMMANDS[args.command](args)
         except AkodError as e:
@@ -363,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     finally:
         os.umask(umask)
-        if ray_logger_level is None:
-            os.environ.pop("RAY_LOGGER_LEVEL", None)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,19 @@ import yaml
 
 from akod_ray.errors import AkodError, ConfigError
 
-SCHEDULES = ("linear", "cosine", "loglinear", "akod", "file")
+SCHEDULES = ("linear", "cosine", "loglinear", "edm", "laplace", "akod", "file")
 DATA_SOURCES = ("cifar10", "procedural")
 REWARDS = ("improvement", "reference", "paper")
+# How the reward probe's per-level epsilon-MSE profile is weighted into one number (akod_ray/rl/reward.py)
+REWARD_METRICS = ("eps_uniform", "x0", "eps_edm", "eps_laplace", "eps_sigmoid")
+CREDITS = ("episode", "knot")
+DKO_PRIORS = ("loglinear", "edm", "laplace")
+KNOT_SPACINGS = ("uniform", "cosine")
 BUDGET_CLOCKS = ("wall", "cpu")
-SAMPLERS = ("ddpm", "ddim")
+# ddpm and ddim are written here (the reference); dpmpp_2m, unipc, euler and heun are diffusers' schedulers, adaptive
+# takes per-image steps from sigma_local (akod_ray/diffusion/solvers.py, adaptive.py)
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc", "euler", "heun", "adaptive")
+SAMPLING_GRIDS = ("common", "own")
 BUDGET_KINDS = ("images", "seconds")
 
 
@@ -89,8 +97,12 @@ def check_name(name: str, value: str) -> None:
 @dataclass(frozen=True)
 class DiffusionConfig:
     T: int = 1000  # number of diffusion steps (DDPM: 1000)
-    schedule: str = "linear"  # linear | cosine | loglinear (fixed; loglinear = uniform in log-SNR, the DKO's start) | akod (learned by PPO) | file (a learned schedule file)
+    # linear | cosine | loglinear (uniform in log-SNR, the DKO's start) | edm (log-SNR at the quantiles of N(2.4, 2.4^2),
+    # EDM's noise levels) | laplace (log-SNR at the quantiles of Laplace(0, laplace_scale), Hang et al. 2024) |
+    # akod (learned by PPO) | file (a learned schedule file). loglinear, edm and laplace span [dko.logsnr_min, dko.logsnr_max].
+    schedule: str = "linear"
     schedule_file: str | None = None  # schedule .json exported by an AKOD run, with schedule=file
+    laplace_scale: float = 0.75  # scale of the laplace schedule (the best of 0.75, 1, 2 in a sweep: BENCHMARKS.md, "The pilot")
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None = L_simple
 
     def __post_init__(self) -> None:
@@ -102,6 +114,8 @@ class DiffusionConfig:
         if self.schedule == "file":
             _check(bool(self.schedule_file), "diffusion.schedule_file", "must be set when diffusion.schedule=file", self.schedule_file)
         _plain_text("diffusion.schedule_file", self.schedule_file)
+        _finite("diffusion.laplace_scale", self.laplace_scale)
+        _check(0.05 <= self.laplace_scale <= 100, "diffusion.laplace_scale", "must be in [0.05, 100]", self.laplace_scale)
         if self.min_snr_gamma is not None:
             _finite("diffusion.min_snr_gamma", self.min_snr_gamma)
             _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null", self.min_snr_gamma)
@@ -148,6 +162,10 @@ class DKOConfig:
     logsnr_max: float = 9.21  # log-SNR at t=1 (linear schedule's beta_1 = 1e-4)
     logsnr_min: float = -10.13  # log-SNR at t=T (linear schedule's abar_T)
     min_segment_share: float = 0.1  # share of the log-SNR range spread evenly over segments (keeps slopes > 0)
+    knot_spacing: str = "cosine"  # uniform | cosine (knots denser at both ends, where edm/laplace bend: akod_ray/diffusion/dko.py)
+    # The schedule the DKO's output corrects (a zero output builds it): loglinear | edm | laplace (diffusion.laplace_scale;
+    # the best anchor measured: BENCHMARKS.md, "The pilot")
+    prior: str = "laplace"
     probe_size: int = 64  # real training images the DKO observes in one episode (drawn afresh, with fresh noise)
     probe_pool: int = 1024  # training images the probes are drawn from (loaded once by the driver)
 
@@ -166,6 +184,8 @@ class DKOConfig:
         _check(-20.0 <= self.logsnr_min and self.logsnr_max <= 20.0, "dko.logsnr_max",
                "and dko.logsnr_min must lie in [-20, 20] (beta_1 rounds to 0 in float64 beyond)", self.logsnr_max)
         _check(0.0 < self.min_segment_share < 1.0, "dko.min_segment_share", "must be in (0, 1)", self.min_segment_share)
+        _check(self.knot_spacing in KNOT_SPACINGS, "dko.knot_spacing", f"must be one of {KNOT_SPACINGS}", self.knot_spacing)
+        _check(self.prior in DKO_PRIORS, "dko.prior", f"must be one of {DKO_PRIORS}", self.prior)
         _check(self.probe_size >= 1, "dko.probe_size", "must be >= 1", self.probe_size)
         _at_most("dko.probe_pool", self.probe_pool, MAX_IMAGES // 10, "images held in float64 by the trial driver")
         _check(self.probe_pool >= self.probe_size, "dko.probe_pool", f"must be >= dko.probe_size={self.probe_size}",
@@ -262,6 +282,18 @@ class RLConfig:
     # reference: -L_after, the level of the reference loss (fixed log-SNR grid, cannot be gamed) |
     # paper: -(loss under the proposed schedule), the paper's literal reward (can be gamed)
     reward: str = "improvement"
+    # The reward probe: rl.reward_images held-out images x rl.reward_grid log-SNR points (uniform between the DKO's
+    # endpoints), fixed noise; its per-level epsilon-MSE profile, weighted by rl.reward_metric, is what a segment improves:
+    # eps_uniform (plain mean) | x0 (x0-MSE, weights e^-lambda) | eps_edm / eps_laplace (weights: the edm / laplace
+    # densities over log-SNR) | eps_sigmoid (weights sigmoid(2 - lambda)); chosen by its rank correlation with
+    # fid_c10 (bench/reward_referee.py, BENCHMARKS.md)
+    reward_metric: str = "eps_laplace"
+    reward_images: int = 8  # (at most data.val_size are used)
+    reward_grid: int = 24
+    # episode: the whole reward at the episode's last knot | knot: each knot's action is credited with the
+    # improvement of the levels its segment spans (K - 1 rewards an episode, summing to the episode's reward)
+    credit: str = "knot"  # (knot: the actions explain a share of the reward, episode: none; BENCHMARKS.md)
+    reward_scale: float = 100.0  # rewards are multiplied by this (relative improvements are ~1e-3 per segment)
     branches: int = 0  # M: PPO episodes per segment as short training branches from the trunk's weights (0: the trunk's segments are the episodes)
     branch_steps: int = 20  # steps of one branch (same batches and noise for every branch of a round)
     train_batch: int = 4  # schedules (episodes) per PPO iteration
@@ -273,6 +305,17 @@ class RLConfig:
     def __post_init__(self) -> None:
         _check(self.segment_steps >= 1, "rl.segment_steps", "must be >= 1", self.segment_steps)
         _check(self.reward in REWARDS, "rl.reward", f"must be one of {REWARDS}", self.reward)
+        _check(self.reward_metric in REWARD_METRICS, "rl.reward_metric", f"must be one of {REWARD_METRICS}",
+               self.reward_metric)
+        _check(self.credit in CREDITS, "rl.credit", f"must be one of {CREDITS}", self.credit)
+        _check(self.credit == "episode" or self.reward == "improvement", "rl.credit",
+               "must be 'episode' unless rl.reward=improvement (only a profile's improvement splits by level)", self.credit)
+        _check(self.reward_images >= 1, "rl.reward_images", "must be >= 1", self.reward_images)
+        _check(self.reward_grid >= 2, "rl.reward_grid", "must be >= 2", self.reward_grid)
+        _at_most("rl.reward_images", self.reward_images, MAX_IMAGES // 10, "held-out images evaluated every segment")
+        _at_most("rl.reward_grid", self.reward_grid, 1024)
+        _finite("rl.reward_scale", self.reward_scale)
+        _check(self.reward_scale > 0, "rl.reward_scale", "must be > 0", self.reward_scale)
         _check(self.branches >= 0, "rl.branches", "must be >= 0", self.branches)
         _check(self.branch_steps >= 1, "rl.branch_steps", "must be >= 1", self.branch_steps)
         for name in ("train_batch", "minibatch_size", "num_epochs"):
@@ -291,9 +334,16 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    sampler: str = "ddim"  # ddpm (all T steps) | ddim
-    ddim_steps: int = 50
-    ddim_eta: float = 0.0
+    # ddpm (all T steps) | ddim | dpmpp_2m | unipc | euler | heun (diffusers' schedulers) | adaptive (per-image steps
+    # from sigma_local, dko.kernel_size)
+    sampler: str = "ddim"
+    # network evaluations per image (ddpm: always T); heun spends 2N - 1 of them on N steps, so an odd number <= this
+    sampler_steps: int = 50
+    ddim_eta: float = 0.0  # DDIM's eta (0: deterministic)
+    # common: every arm is sampled on one grid, uniform in log-SNR between dko.logsnr_max and dko.logsnr_min (the
+    # range every arm trains on), so comparisons judge training only | own: the arm's training schedule as its grid
+    sampling_grid: str = "common"
+    clip_x0: bool = True  # clip x0_hat to [-1, 1] at every network evaluation, for every sampler (akod_ray/diffusion/samplers.py)
     fid_every: int = 0  # steps between offline-FID evaluations during training; 0 = only at the end
     fid_samples: int = 1000
     grid_size: int = 8  # sample grid is grid_size x grid_size
@@ -302,7 +352,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.sampler in SAMPLERS, "eval.sampler", f"must be one of {SAMPLERS}", self.sampler)
-        _check(self.ddim_steps >= 1, "eval.ddim_steps", "must be >= 1", self.ddim_steps)
+        _check(self.sampler_steps >= 1, "eval.sampler_steps", "must be >= 1", self.sampler_steps)
+        _at_most("eval.sampler_steps", self.sampler_steps, MAX_T, "network evaluations per image")
+        _check(self.sampling_grid in SAMPLING_GRIDS, "eval.sampling_grid", f"must be one of {SAMPLING_GRIDS}",
+               self.sampling_grid)
         _finite("eval.ddim_eta", self.ddim_eta)
         _check(0.0 <= self.ddim_eta <= 1.0, "eval.ddim_eta", "must be in [0, 1]", self.ddim_eta)
         _check(self.fid_every >= 0, "eval.fid_every", "must be >= 0", self.fid_every)
@@ -319,12 +372,14 @@ class EvalConfig:
 
 # Each arm is a schedule and a network (DESIGN 1.7): "plain" = DDPM U-Net (MSFI and beta-modulation off),
 # "akod" = the AKOD U-Net (both on).
-ARMS = ("baseline", "cosine", "min_snr", "loglinear", "msfi_only", "dko_only", "akod")
+ARMS = ("baseline", "cosine", "min_snr", "loglinear", "edm", "laplace", "msfi_only", "dko_only", "akod")
 ARM_SPECS = {  # arm -> (diffusion.schedule, Min-SNR weighting, AKOD U-Net)
     "baseline": ("linear", False, False),
     "cosine": ("cosine", False, False),
     "min_snr": ("cosine", True, False),
     "loglinear": ("loglinear", False, False),
+    "edm": ("edm", False, False),
+    "laplace": ("laplace", False, False),
     "msfi_only": ("cosine", False, True),
     "dko_only": ("akod", False, False),
     "akod": ("akod", False, True),
@@ -334,7 +389,7 @@ ARM_SPECS = {  # arm -> (diffusion.schedule, Min-SNR weighting, AKOD U-Net)
 @dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"  # the Tune experiment folder under run.root; rerun with --resume to continue it
-    arms: tuple[str, ...] = ARMS  # baseline | cosine | min_snr | loglinear | msfi_only | dko_only | akod (ARM_SPECS)
+    arms: tuple[str, ...] = ARMS  # baseline | cosine | min_snr | loglinear | edm | laplace | msfi_only | dko_only | akod (ARM_SPECS)
     kernel_sizes: tuple[int, ...] = (7,)  # DKO filter sizes k swept for the akod arm
     seeds: tuple[int, ...] = (0,)
     min_snr_gamma: float = 5.0  # gamma of the min_snr arm (Hang et al. 2023)
@@ -412,9 +467,19 @@ class Config:
                f"must be >= train.num_workers={self.train.num_workers} (every worker evaluates its share of the "
                "held-out images)", self.data.val_size)
         tc, ev = self.train, self.eval
-        if ev.sampler == "ddim":
-            _check(ev.ddim_steps <= d.T, "eval.ddim_steps", f"must be <= diffusion.T={d.T} (DDIM takes a subset of the "
-                   "T steps)", ev.ddim_steps)
+        from akod_ray.diffusion.samplers import sampler_steps_problem
+
+        problem = sampler_steps_problem(ev.sampler, ev.sampler_steps, d.T)
+        _check(problem is None, "eval.sampler_steps", problem or "", ev.sampler_steps)
+        if d.schedule in ("edm", "laplace"):  # a concentrated schedule must stay valid (beta_t <= 0.999) at this T
+            from akod_ray.diffusion.schedules import anchor_betas
+
+            try:
+                anchor_betas(d.schedule, d.T, self.dko.logsnr_max, self.dko.logsnr_min, d.laplace_scale)
+            except ValueError as e:
+                field_name = "diffusion.laplace_scale" if d.schedule == "laplace" else "diffusion.T"
+                raise ConfigError(f"{field_name}: the {d.schedule} schedule is invalid for diffusion.T={d.T} within "
+                                  f"[dko.logsnr_min, dko.logsnr_max]: {e}") from None
         _check(ev.fid_samples >= tc.num_workers, "eval.fid_samples", f"must be >= train.num_workers={tc.num_workers} "
                "(every worker samples its share)", ev.fid_samples)
         known = self.data.train_subset or (4096 if self.data.source == "procedural" else None)
@@ -428,6 +493,18 @@ class Config:
             _at_most("sweep.budget", self.sweep.budget, MAX_STEPS * tc.batch_size,
                      f"{MAX_STEPS:,} steps of train.batch_size={tc.batch_size}")
         if d.schedule == "akod":
+            _check(self.rl.reward_images >= self.train.num_workers, "rl.reward_images",
+                   f"must be >= train.num_workers={self.train.num_workers} (every worker scores its share)",
+                   self.rl.reward_images)
+            from akod_ray.diffusion.dko import prior_actions
+
+            try:  # the prior's knots must be within the builder's reach (each segment's minimum drop)
+                prior_actions(self.dko.prior, d.T, k, self.dko.logsnr_max, self.dko.logsnr_min,
+                              self.dko.min_segment_share, d.laplace_scale, self.dko.knot_spacing)
+            except ValueError as e:
+                raise ConfigError(f"dko.prior {self.dko.prior!r} is out of the DKO's reach with dko.num_knots={k}, "
+                                  f"dko.knot_spacing={self.dko.knot_spacing!r}, dko.min_segment_share="
+                                  f"{self.dko.min_segment_share}: {e}") from None
             _check(self.rl.branches == 0 or self.rl.train_batch % self.rl.branches == 0, "rl.train_batch",
                    f"must be a multiple of rl.branches={self.rl.branches} (a PPO iteration takes whole branch rounds)",
                    self.rl.train_batch)
@@ -512,7 +589,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+RENAMED = {("eval", "ddim_steps"): "sampler_steps"}  # configs (and checkpoints) written before the rename still load
+
+
 def config_from_dict(data: dict) -> Config:
+    if isinstance(data, dict):
+        for (section, old), new in RENAMED.items():
+            part = data.get(section)
+            if isinstance(part, dict) and old in part and new not in part:
+                data = {**data, section: {(new if k == old else k): v for k, v in part.items()}}
     return _build(Config, data, "")
 
 

@@ -52,7 +52,7 @@ BASE = [
     "train.channels_last=true", "train.warmup_steps=20", "train.ref_grid=8", "train.val_batch=64",
     "rl.train_batch=2", "rl.minibatch_size=14", "rl.num_epochs=4", "rl.broker_timeout_s=600",
     "dko.num_knots=8", "dko.probe_size=32",
-    "eval.fid_samples=256", "eval.ddim_steps=10", "eval.grid_size=2",
+    "eval.fid_samples=256", "eval.sampler_steps=10", "eval.grid_size=2",
     "run.num_cpus=2", "run.dashboard=false",
 ]
 END_OF_RUN = ("fid", "samples")

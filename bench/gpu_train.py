@@ -276,7 +276,7 @@ def run_loop(plan: Plan, batch: int, steps: int, log_every: int, quick: bool) ->
         train=TrainConfig(steps=steps, batch_size=batch, warmup_steps=1000, bf16=True, channels_last=True,
                           compile="auto", log_every=log_every, ckpt_every=steps, sample_every=steps,
                           val_batch=n_val, ref_grid=2 if quick else 8, use_gpu=plan.device.type == "cuda"),
-        eval=EvalConfig(ddim_steps=5, fid_samples=2, grid_size=1),
+        eval=EvalConfig(sampler_steps=5, fid_samples=2, grid_size=1),
     )
     end_of_run_error = None
     with tempfile.TemporaryDirectory(prefix="akod_gpu_bench_") as tmp:

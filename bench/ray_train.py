@@ -50,7 +50,7 @@ def bench_config(root: Path, name: str, steps: int, workers: int, cpus: int, log
         f"train.steps={steps}", "train.batch_size=32", "train.warmup_steps=10", "train.bf16=true",
         "train.channels_last=true", f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}",
         f"train.log_every={log_every}", f"train.ckpt_every={steps}", f"train.sample_every={steps}",
-        "train.ref_grid=2", "eval.fid_samples=2", "eval.ddim_steps=1", "eval.grid_size=1",
+        "train.ref_grid=2", "eval.fid_samples=2", "eval.sampler_steps=1", "eval.grid_size=1",
     ]
     if source == "cifar10":
         sets.append(f"data.data_dir={DATA_DIR}")

@@ -24,7 +24,7 @@ def tiny_config(root: Path, name: str = "ckpt") -> Config:
                           dropout=0.0, msfi=False, beta_modulation=False),
         data=DataConfig(source="procedural", train_subset=64, val_size=8),
         train=TrainConfig(steps=4, batch_size=8, ckpt_every=2),
-        eval=EvalConfig(ddim_steps=5, grid_size=2, fid_samples=8),
+        eval=EvalConfig(sampler_steps=5, grid_size=2, fid_samples=8),
     )
 
 

@@ -45,7 +45,7 @@ TINY = {
     "train.lr": 0.002,
     "train.warmup_steps": 5,
     "train.ref_grid": 4,
-    "eval.ddim_steps": 5,
+    "eval.sampler_steps": 5,
     "eval.grid_size": 2,
     "eval.fid_samples": 16,  # the fid_c10 at the end of a run (when the classifier is shipped): keep it cheap
 }

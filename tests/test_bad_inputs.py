@@ -42,7 +42,7 @@ BASE = {
     "train": {"steps": 4, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "log_every": 2, "ckpt_every": 2,
               "sample_every": 4, "val_batch": 8, "ref_grid": 2},
     "rl": {"segment_steps": 2, "train_batch": 2},
-    "eval": {"ddim_steps": 5, "grid_size": 2, "fid_samples": 8},
+    "eval": {"sampler_steps": 5, "grid_size": 2, "fid_samples": 8},
     "sweep": {"name": "badsweep", "arms": ["cosine"], "budget": 6400},
 }
 
@@ -217,9 +217,16 @@ CONFIG_CASES = [
     (["diffusion.schedule=akod", "rl.branches=3"],
      r"rl\.train_batch must be a multiple of rl\.branches=3 .*, got 2"),
     # eval
-    (["eval.sampler=euler"], r"eval\.sampler must be one of \('ddpm', 'ddim'\), got 'euler'"),
-    (["eval.ddim_steps=0"], r"eval\.ddim_steps must be >= 1, got 0"),
-    (["eval.ddim_steps=1000"], r"eval\.ddim_steps must be <= diffusion\.T=100 \(DDIM takes a subset of the T steps\), got 1000"),
+    (["eval.sampler=lms"],
+     r"eval\.sampler must be one of \('ddpm', 'ddim', 'dpmpp_2m', 'unipc', 'euler', 'heun', 'adaptive'\), got 'lms'"),
+    (["eval.sampler_steps=0"], r"eval\.sampler_steps must be >= 1, got 0"),
+    (["eval.sampler_steps=1000"], r"eval\.sampler_steps must be <= diffusion\.T=100 \(a sampler visits at most the T steps of its grid\), got 1000"),
+    (["eval.sampler=heun", "eval.sampler_steps=2"],
+     r"eval\.sampler_steps must be >= 3 for heun \(N steps take 2N - 1 network evaluations: N - 1 Heun steps and a last "
+     r"Euler step\), got 2"),
+    (["eval.sampler=dpmpp_2m", "eval.sampler_steps=100"],
+     r"eval\.sampler_steps must be <= T - 1 = 99 for dpmpp_2m \(N steps span N \+ 1 distinct grid steps, the last "
+     r"replaced by the clean image\), got 100"),
     (["eval.ddim_eta=1.5"], r"eval\.ddim_eta must be in \[0, 1\], got 1\.5"),
     (["eval.ddim_eta=.nan"], r"eval\.ddim_eta must be a finite number, got nan"),
     (["eval.fid_every=-1"], r"eval\.fid_every must be >= 0, got -1"),
@@ -712,7 +719,13 @@ SAMPLE_ARG_CASES = [
     (["--seed", "-1"], "akod sample", r"argument --seed: must be >= 0, got -1"),
     (["--seed", str(2**64)], "akod sample", r"argument --seed: must be <= 9,223,372,036,854,775,807, got 18446744073709551616"),
     (["--seed", "1.5"], "akod sample", r"argument --seed: must be an integer, got '1\.5'"),
-    (["--sampler", "euler"], "akod sample", r"argument --sampler: invalid choice: 'euler' \(choose from .*\)"),
+    (["--sampler", "lms"], "akod sample", r"argument --sampler: invalid choice: 'lms' \(choose from .*\)"),
+    (["--grid", "mine"], "akod sample", r"argument --grid: invalid choice: 'mine' \(choose from 'common', 'own'\)"),
+    (["--sampler", "heun", "--steps", "2"], "akod", r"--steps must be >= 3 for heun \(N steps take 2N - 1 network .*\), got 2"),
+    (["--sampler", "euler", "--steps", str(CKPT_T)], "akod",
+     rf"--steps must be <= T - 1 = {CKPT_T - 1} for euler \(N steps span N \+ 1 distinct grid steps, the last replaced "
+     rf"by the clean image\), got {CKPT_T}"),
+    (["--sampler", "adaptive", "--steps", "1000"], "akod", rf"--steps must be <= diffusion\.T={CKPT_T} of the checkpoint .*, got 1000"),
     (["--device", "foo"], "akod", r"--device 'foo' is not a device \(cpu, cuda, cuda:N, mps\)"),
     (["--device", "cuda:99"], "akod", r"--device 'cuda:99': this machine has \d+ CUDA device\(s\)"),
     (["--device", "meta"], "akod", r"--device 'meta': only cpu, cuda\[:N\] and mps are supported"),
@@ -811,6 +824,9 @@ FID_ARG_CASES = [
     (["fid", "{run}", "--ref", "{ref}", "--feature", "swav"], "akod fid", r"argument --feature: invalid choice: 'swav' .*"),
     (["fid", "{run}", "--ref", "{ref}", "--eta", "-1"], "akod fid", r"argument --eta: must be in \[0, 1\], got -1"),
     (["fid", "{run}", "--ref", "{ref}", "--seed", "x"], "akod fid", r"argument --seed: must be an integer, got 'x'"),
+    (["fid", "{run}", "--ref", "{ref}", "--sampler", "lms"], "akod fid", r"argument --sampler: invalid choice: 'lms' .*"),
+    (["fid", "{run}", "--ref", "{ref}", "--steps", "0"], "akod fid", r"argument --steps: must be >= 1, got 0"),
+    (["fid", "{run}", "--ref", "{ref}", "--grid", "x"], "akod fid", r"argument --grid: invalid choice: 'x' .*"),
     (["fid", "{run}", "--ref", "{ref}", "--device", "tpu"], "akod", r"--device 'tpu' is not a device .*"),
     (["fid", "stats"], "akod", r"akod fid stats needs --out FILE\.npz"),
     (["fid", "stats", "--out", "{tmp}"], "akod", r"--out '{tmp}' is a folder; give a file name"),
@@ -837,7 +853,8 @@ def test_inception_weights_that_do_not_exist(capsys, tmp_path, good_run):
                     rf"Inception weights '{re.escape(str(tmp_path))}/none\.pth' \(from --inception-weights\) do not exist")
 
 
-def test_inception_weights_with_a_code_payload(capsys, tmp_path, good_run):
+def test_inception_weights_with_a_code_payload(capsys, tmp_path, good_run, recwarn):
+    """Refused in one line, the payload never runs, and torch's pickle-protocol warning is not printed (issue 18)."""
     marker = tmp_path / "payload_ran"
     weights = tmp_path / "w.pth"
     torch.save({"x": Payload(marker)}, weights)
@@ -847,6 +864,7 @@ def test_inception_weights_with_a_code_payload(capsys, tmp_path, good_run):
                     rf"Inception weights '{re.escape(str(weights))}' are corrupt or not the FID Inception: it holds Python "
                     r"objects other than tensors .*")
     assert not marker.exists()
+    assert [str(w.message) for w in recwarn] == []
 
 
 # --------------------------------------------------------------------------- report, data, commands

@@ -43,7 +43,7 @@ def assert_exit_2(rc: int, err: str, pattern: str) -> None:
 
 
 BAD_OVERRIDES = [
-    ("diffusion.schedule=foo", r"diffusion\.schedule must be one of \('linear', 'cosine', 'loglinear', 'akod', 'file'\), got 'foo'"),
+    ("diffusion.schedule=foo", r"diffusion\.schedule must be one of \('linear', 'cosine', 'loglinear', 'edm', 'laplace', 'akod', 'file'\), got 'foo'"),
     ("model.channels=[0,8,16,16]", r"model\.channels must all be positive, got \(0, 8, 16, 16\)"),
     ("model.bottleneck_channels=-8", r"model\.bottleneck_channels must be a positive multiple of 8, got -8"),
     ("dko.kernel_size=4", r"dko\.kernel_size must be odd and >= 3, got 4"),
@@ -90,7 +90,7 @@ def test_the_real_process_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "akod: error: diffusion.schedule must be one of ('linear', 'cosine', 'loglinear', 'akod', 'file'), got 'foo'"]
+        "akod: error: diffusion.schedule must be one of ('linear', 'cosine', 'loglinear', 'edm', 'laplace', 'akod', 'file'), got 'foo'"]
 
 
 def test_dry_run_prints_yaml_that_reloads_to_the_same_config(capsys, no_ray):
@@ -125,7 +125,7 @@ def test_sample_writes_a_png_grid_of_the_right_size(capsys, local_run, tmp_path)
     rc, stdout, err = run_main(capsys, ["sample", str(local_run / "checkpoint_00000004"), "--out", str(out),
                                         "--n", "9", "--steps", "3"])
     assert rc == 0, err
-    assert f"wrote 9 samples (ddim) to {out}" in stdout
+    assert f"wrote 9 samples (ddim, 3 network evaluations per image, common grid) to {out}" in stdout
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (3 * 34 + 2, 3 * 34 + 2)  # 3 x 3 images of 32 px, 2 px padding
         assert im.getextrema() != ((0, 0), (0, 0), (0, 0))
@@ -136,6 +136,35 @@ def test_sample_takes_the_latest_checkpoint_of_a_run_folder(capsys, local_run, t
     rc, stdout, err = run_main(capsys, ["sample", str(local_run), "--out", str(out), "--n", "4", "--steps", "2"])
     assert rc == 0, err
     assert out.is_file()
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "ddim, 5 network evaluations per image, common grid"),  # the checkpoint's eval config
+    (["--sampler", "dpmpp_2m", "--steps", "4", "--grid", "own"], "dpmpp_2m, 4 network evaluations per image, own grid"),
+    (["--sampler", "heun", "--steps", "6"], "heun, 5 network evaluations per image, common grid"),
+    (["--sampler", "adaptive", "--steps", "3"], "adaptive, 3 network evaluations per image, common grid"),
+    (["--sampler", "ddpm"], "ddpm, 50 network evaluations per image, common grid"),
+])
+def test_sample_says_which_sampler_evaluations_and_grid_it_used(capsys, local_run, tmp_path, args, says):
+    out = tmp_path / "grid.png"
+    rc, stdout, err = run_main(capsys, ["sample", str(local_run), "--out", str(out), "--n", "2", *args])
+    assert rc == 0, err
+    assert f"wrote 2 samples ({says}) to {out}" in stdout
+    assert out.is_file()
+
+
+def test_fid_says_how_it_sampled_and_refuses_a_budget_in_one_line(capsys, local_run):
+    from akod_ray.evaluation.feature_net import DEFAULT_C10_REFERENCE
+
+    if not DEFAULT_C10_REFERENCE.is_file():
+        pytest.skip("the shipped fid_c10 reference statistics are missing")
+    base = ["fid", str(local_run), "--ref", str(DEFAULT_C10_REFERENCE), "--n", "4"]
+    rc, stdout, err = run_main(capsys, base + ["--sampler", "unipc", "--steps", "3", "--grid", "own"])
+    assert rc == 0, err
+    assert stdout.startswith("[akod] fid_c10 = ")
+    assert stdout.rstrip().endswith("; sampled with unipc, 3 network evaluations per image, own grid)")
+    rc, stdout, err = run_main(capsys, base + ["--sampler", "heun", "--steps", "2"])
+    assert_exit_2(rc, err, r"--steps must be >= 3 for heun \(N steps take 2N - 1 network evaluations: .*\), got 2")
 
 
 def test_sample_from_a_truncated_checkpoint_exits_2_naming_the_file(tmp_path, local_run):
@@ -329,3 +358,28 @@ def test_root_cause_goes_through_worker_failures_and_causes():
     assert root_cause(WorkerFailed(TaskError(inner))) is inner
     plain = ValueError("x")
     assert root_cause(plain) is plain
+
+
+def test_a_checkpoint_samples_on_its_configured_grid_and_on_another_on_request(capsys, tmp_path):
+    """Issue 16: the sampling grid is the checkpoint's eval.sampling_grid unless --grid says otherwise, and
+    the two grids really sample differently (the network sees other noise levels)."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from checkpoint_helpers import make_checkpoint, tiny_config
+
+    cfg = tiny_config(tmp_path, "own")
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sampling_grid="own"))
+    run = tmp_path / "own"
+    make_checkpoint(run, cfg=cfg)
+    pngs = {}
+    for extra, grid in (([], "own"), (["--grid", "common"], "common")):
+        out = tmp_path / f"{grid}.png"
+        rc, stdout, err = run_main(capsys, ["sample", str(run), "--out", str(out), "--n", "4", "--steps", "3", *extra])
+        assert rc == 0, err
+        assert f"(ddim, 3 network evaluations per image, {grid} grid)" in stdout
+        with Image.open(out) as im:
+            pngs[grid] = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert np.abs(pngs["own"] - pngs["common"]).max() > 0

@@ -157,7 +157,7 @@ def test_wrong_type_names_the_field(override, message):
         ("train.lr=0", "train.lr"),
         ("train.ema_decay=1.0", "train.ema_decay"),
         ("rl.reward=fid", "rl.reward"),
-        ("eval.sampler=euler", "eval.sampler"),
+        ("eval.sampler=lms", "eval.sampler"),
         ("eval.ddim_eta=1.5", "eval.ddim_eta"),
         ("run.name=a/b", "run.name"),
     ],

@@ -63,11 +63,21 @@ def test_ddim_timesteps():
     ts = ddim_timesteps(1000, 50)
     assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0
     assert all(a > b for a, b in zip(ts, ts[1:]))
-    assert ddim_timesteps(1000, 1) == [0]
+    assert ddim_timesteps(1000, 1) == [999]  # one step starts from pure noise (it was [0]: noise taken for x_0)
     assert ddim_timesteps(10, 4) == [9, 6, 3, 0]
     for bad in (0, 1001):
-        with pytest.raises(ValueError, match="eval.ddim_steps"):
+        with pytest.raises(ValueError, match="eval.sampler_steps"):
             ddim_timesteps(1000, bad)
+
+
+def test_one_step_ddim_is_the_x0_prediction_from_pure_noise(oracle_model):
+    """DDIM with S = 1 evaluates the network once, at t = T - 1, and returns its x0_hat."""
+    process = DiffusionProcess(linear_betas(1000))
+    x0 = x0_images()
+    model = oracle_model(process, x0)
+    out = ddim_sample(model, process, tuple(x0.shape), torch.Generator().manual_seed(0), steps=1)
+    assert model.calls == [999]
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------- oracle denoiser
@@ -171,4 +181,4 @@ def test_sample_batches_share_one_generator_and_clamp():
     assert d.shape == (3, 3, 16, 16)
     assert torch.equal(d, ddpm_sample(model, process, (3, 3, 16, 16), torch.Generator().manual_seed(0)).clamp(-1, 1))
     with pytest.raises(ValueError, match="eval.sampler"):
-        sample(model, process, 1, torch.Generator(), sampler="euler")
+        sample(model, process, 1, torch.Generator(), sampler="lms")

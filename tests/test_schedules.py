@@ -206,3 +206,39 @@ def test_missing_or_unreadable_schedule_file_raises_data_error(tmp_path):
     (tmp_path / "adir.json").mkdir()
     with pytest.raises(DataError, match="adir.json"):
         load_schedule(tmp_path / "adir.json")
+
+
+# ----------------------------------------------------------------- anchors: edm and laplace (issue 16)
+
+
+def test_anchor_schedules_are_the_quantiles_of_their_distribution_within_the_shared_endpoints():
+    from scipy import stats
+
+    from akod_ray.diffusion.process import DiffusionProcess
+    from akod_ray.diffusion.schedules import anchor_logsnr, edm_betas, laplace_betas
+
+    lmax, lmin, T = 9.21, -10.13, 1000
+    for name, dist, betas in (("edm", stats.norm(2.4, 2.4), edm_betas(T, lmax, lmin)),
+                              ("laplace", stats.laplace(0.0, 1.0), laplace_betas(T, lmax, lmin, 1.0))):
+        lam = anchor_logsnr(name, T, lmax, lmin, 1.0)
+        assert lam[0] == lmax and lam[-1] == lmin
+        # step t sits at the quantile 1 - t / (T - 1) of the distribution truncated to [lmin, lmax]
+        hi, lo = dist.cdf(lmax), dist.cdf(lmin)
+        for t in (1, 100, 500, 900, 998):
+            u = 1 - t / (T - 1)
+            assert lam[t].item() == pytest.approx(dist.ppf(lo + u * (hi - lo)), abs=1e-6)
+        # the process built from the betas has these log-SNRs (and hence this training distribution)
+        torch.testing.assert_close(DiffusionProcess(betas).log_snr, lam, rtol=0, atol=1e-6)
+    # a Laplace(0, 1) schedule puts half its steps within |log-SNR| < ln 2
+    lam = anchor_logsnr("laplace", T, lmax, lmin, 1.0)
+    assert ((lam.abs() < math.log(2)).double().mean().item()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_too_concentrated_laplace_schedule_is_refused_naming_the_scale():
+    from akod_ray.config import load_config
+    from akod_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^diffusion\.laplace_scale: the laplace schedule is invalid for "
+                                          r"diffusion\.T=1000 .*beta_t must lie in \(0, 0\.999\]"):
+        load_config(None, ["diffusion.schedule=laplace", "diffusion.laplace_scale=0.5"])
+    assert load_config(None, ["diffusion.schedule=laplace", "diffusion.laplace_scale=0.75"]).diffusion.laplace_scale == 0.75

@@ -39,7 +39,7 @@ class DiffusionProcess:
         self.posterior_mean_coef1 = betas * self.abar_prev.sqrt() / (1.0 - self.abar)
         self.posterior_mean_coef2 = (1.0 - self.abar_prev) * self.alphas.sqrt() / (1.0 - self.abar)
         idx = torch.arange(self.T)
-        self._cond_table = torch.stack(
+        self._cond_source = torch.stack(  # float64, for cond_at_logsnr
             [
                 self.log_snr,
                 self.log_snr[(idx - 1).clamp(min=0)],
@@ -47,7 +47,8 @@ class DiffusionProcess:
                 betas,
             ],
             dim=1,
-        ).float()
+        )
+        self._cond_table = self._cond_source.float()
 
     @staticmethod
     def extract(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +59,25 @@ class DiffusionProcess:
     def noise_cond(self, t: torch.Tensor) -> torch.Tensor:
         """[B, 4]: (log-SNR_t, log-SNR_{t-1}, log-SNR_{t+1}, beta_t) at 0-based steps t."""
         return self._cond_table.to(t.device)[t]
+
+    def cond_at_logsnr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """[B, 4] float32: the conditioning this process gives the noise level ``log_snr`` [B],
+        wherever it falls between (or beyond) its steps.
+
+        Column 0 is ``log_snr`` itself; the neighbours' log-SNR and beta_t are interpolated
+        linearly in log-SNR between the two steps around it (clamped to the first or last step
+        beyond the process's range). At a step's own log-SNR this is exactly that step's row of
+        :meth:`noise_cond`, so a sampler that visits another grid of noise levels (fractional
+        timesteps, another schedule) conditions a network as the schedule it trained with would.
+        """
+        lam = torch.as_tensor(log_snr, dtype=torch.float64).reshape(-1).cpu()
+        u = -self.log_snr  # increasing in t
+        j = torch.clamp(torch.searchsorted(u, -lam, right=True) - 1, 0, self.T - 2)
+        w = ((-lam - u[j]) / (u[j + 1] - u[j])).clamp(0.0, 1.0)[:, None]
+        src = self._cond_source
+        out = src[j] * (1 - w) + src[j + 1] * w
+        out[:, 0] = lam
+        return out.float()
 
     def sample_t(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.T, (batch,), device=device, generator=generator)

@@ -1,11 +1,27 @@
-"""Samplers for any valid schedule, reproducible from an explicit torch.Generator.
+"""Samplers for any valid schedule, on any sampling grid, reproducible from an explicit torch.Generator.
 
-Notation (0-based steps t = 0..T-1, step t is the paper's t+1):
-    abar_t          cumulative product of (1 - beta_s), s <= t
-    eps_theta       the model's noise prediction at (x_t, t)
+Two schedules meet in a sampler (DESIGN 1.1):
+    process         the schedule the network trained with: it defines the network's
+                    conditioning (``DiffusionProcess.noise_cond`` / ``cond_at_logsnr``)
+    grid            the schedule whose steps the sampler visits (``sampling_grid``): the
+                    training schedule itself (``own``), or one grid for every arm
+                    (``common``: uniform in log-SNR between the shared endpoints)
+Every network here is conditioned on the noise level (log-SNR), so it can be sampled on any
+grid within the range it trained on.
+
+Notation (0-based grid steps t = 0..T-1, step t is the paper's t+1):
+    abar_t          cumulative product of (1 - beta_s), s <= t, of the grid
+    eps_theta       the network's noise prediction at (x_t, log-SNR_t)
     x0_hat          (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
     beta~_t         posterior variance beta_t (1 - abar_{t-1}) / (1 - abar_t)
     sigma_t(eta)    DDIM noise scale (Song et al. 2021, Eq. 16)
+
+The x0 clipping rule (``clip_x0``, ``eval.clip_x0``), the same for every sampler and arm: when
+on, x0_hat is clipped to the data range [-1, 1] at every network evaluation and the noise
+prediction the sampler goes on with is the one that clipped x0_hat implies,
+eps = (x_t - sqrt(abar_t) clip(x0_hat)) / sqrt(1 - abar_t). That is DDPM's rule (Ho et al.'s
+code) and diffusers' ``clip_sample`` for DDIM; it keeps a step where sqrt(abar_t) is tiny (the
+noisiest step of a schedule) from amplifying the network's error into x0_hat.
 """
 
 from __future__ import annotations
@@ -15,6 +31,20 @@ import contextlib
 import torch
 
 from akod_ray.diffusion.process import DiffusionProcess
+from akod_ray.diffusion.schedules import uniform_logsnr_betas
+
+GRIDS = ("common", "own")
+STEP_SAMPLERS = ("ddpm", "ddim")  # written here, the reference; the others: solvers.py (diffusers, adaptive)
+
+
+def sampling_grid(kind: str, process: DiffusionProcess, logsnr_max: float, logsnr_min: float) -> DiffusionProcess:
+    """The schedule a sampler visits: ``own`` = ``process`` itself; ``common`` = log-SNR uniform in t
+    from ``logsnr_max`` to ``logsnr_min`` over ``process.T`` steps (the same for every arm)."""
+    if kind == "own":
+        return process
+    if kind == "common":
+        return DiffusionProcess(uniform_logsnr_betas(process.T, logsnr_max, logsnr_min))
+    raise ValueError(f"eval.sampling_grid must be one of {GRIDS}, got {kind!r}")
 
 
 def _autocast(x: torch.Tensor, bf16: bool):
@@ -23,10 +53,60 @@ def _autocast(x: torch.Tensor, bf16: bool):
     return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
 
-def _eps(model, process: DiffusionProcess, x: torch.Tensor, t: int, bf16: bool) -> torch.Tensor:
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    with _autocast(x, bf16):
-        return model(x, process.noise_cond(tt)).float()
+class Denoiser:
+    """eps_theta and x0_hat at a noise level of a sampling grid (see the module docstring).
+
+    ``model`` is called as ``model(x_t, cond)``; ``cond`` comes from ``process`` (the training
+    schedule): its own row at a step of its own, else :meth:`DiffusionProcess.cond_at_logsnr`.
+    """
+
+    def __init__(self, model, process: DiffusionProcess, grid: DiffusionProcess | None = None,
+                 clip_x0: bool = True, bf16: bool = False):
+        self.model, self.process = model, process
+        self.grid = process if grid is None else grid
+        self.clip_x0, self.bf16 = clip_x0, bf16
+
+    def _network(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with _autocast(x, self.bf16):
+            return self.model(x, cond.to(x.device)).float()
+
+    def _clipped(self, x: torch.Tensor, eps: torch.Tensor, abar: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x0_hat = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+        if self.clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
+            eps = (x - abar**0.5 * x0_hat) / (1 - abar) ** 0.5
+        return eps, x0_hat
+
+    def at_step(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0_hat) at step t of the grid."""
+        if self.grid is self.process:
+            cond = self.process.noise_cond(torch.full((x.shape[0],), t, dtype=torch.long))
+        else:
+            cond = self.process.cond_at_logsnr(self.grid.log_snr[t].expand(x.shape[0]))
+        return self._clipped(x, self._network(x, cond), self.grid.abar[t].item())
+
+    def at_logsnr(self, x: torch.Tensor, log_snr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0_hat) at any log-SNR (a fractional step of a grid)."""
+        lam = torch.full((x.shape[0],), float(log_snr), dtype=torch.float64)
+        abar = torch.sigmoid(lam[:1]).item()
+        return self._clipped(x, self._network(x, self.process.cond_at_logsnr(lam)), abar)
+
+    def at_logsnrs(self, x: torch.Tensor, log_snr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0_hat) with one noise level per image, ``log_snr`` [B] (per-image step sizes).
+
+        The clipping rule of :meth:`_clipped`, with sqrt(abar) = sqrt(sigmoid(lambda)) and
+        sqrt(1 - abar) = sqrt(sigmoid(-lambda)) per image (no 1 - abar cancellation near abar = 1).
+        """
+        lam = torch.as_tensor(log_snr, dtype=torch.float64).reshape(-1).cpu()
+        eps = self._network(x, self.process.cond_at_logsnr(lam))
+        view = (-1,) + (1,) * (x.ndim - 1)
+        a = torch.sigmoid(lam).sqrt().view(view).to(x.dtype).to(x.device)
+        s = torch.sigmoid(-lam).sqrt().view(view).to(x.dtype).to(x.device)
+        x0_hat = (x - s * eps) / a
+        if self.clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
+            eps = (x - a * x0_hat) / s
+        return eps, x0_hat
 
 
 @torch.no_grad()
@@ -37,16 +117,19 @@ def ddpm_sample(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    grid: DiffusionProcess | None = None,
+    clip_x0: bool = True,
 ) -> torch.Tensor:
-    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2), variance beta~_t."""
+    """Ancestral sampling over all T steps of the grid (Ho et al. 2020, Algorithm 2), variance beta~_t."""
+    den = Denoiser(model, process, grid, clip_x0, bf16)
+    grid = den.grid
     x = torch.randn(shape, generator=generator, device=device)
-    for t in reversed(range(process.T)):
+    for t in reversed(range(grid.T)):
         # 1. Predict the noise and the clean image it implies.
-        eps = _eps(model, process, x, t, bf16)
-        tt = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
-        x0_hat = process.predict_x0_from_eps(x, tt, eps).clamp(-1, 1)
+        _, x0_hat = den.at_step(x, t)
         # 2. Posterior mean mu~_t(x_t, x0_hat) and variance beta~_t.
-        mean, var = process.q_posterior(x0_hat, x, tt)
+        tt = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
+        mean, var = grid.q_posterior(x0_hat, x, tt)
         # 3. x_{t-1} = mu~ + sqrt(beta~) z, with no noise at the last step.
         if t > 0:
             x = mean + var.sqrt() * torch.randn(shape, generator=generator, device=device)
@@ -56,10 +139,29 @@ def ddpm_sample(
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """S evenly spaced 0-based steps from T-1 down to 0."""
+    """S evenly spaced 0-based steps from T-1 down to 0; one step is T-1 (from pure noise straight to x_0)."""
     if not 1 <= steps <= T:
-        raise ValueError(f"eval.ddim_steps must be in [1, T={T}], got {steps}")
+        raise ValueError(f"eval.sampler_steps must be in [1, T={T}] for DDIM, got {steps}")
+    if steps == 1:
+        return [T - 1]
     return sorted({round(x) for x in torch.linspace(0, T - 1, steps, dtype=torch.float64).tolist()}, reverse=True)
+
+
+def sampler_steps_problem(sampler: str, steps: int, T: int) -> str | None:
+    """Why ``steps`` network evaluations per image are no budget for ``sampler`` on a grid of T steps, worded to
+    follow the field's name (``eval.sampler_steps must ...``); None when they are one (ddpm ignores them)."""
+    if sampler == "ddpm":
+        return None
+    if steps < 1:
+        return "must be >= 1"
+    if sampler == "heun" and steps < 3:
+        return "must be >= 3 for heun (N steps take 2N - 1 network evaluations: N - 1 Heun steps and a last Euler step)"
+    if steps > T:
+        return f"must be <= diffusion.T={T} (a sampler visits at most the T steps of its grid)"
+    if sampler in ("dpmpp_2m", "unipc", "euler") and steps > T - 1:  # heun: (steps + 1) // 2 <= T - 1 already
+        return (f"must be <= T - 1 = {T - 1} for {sampler} (N steps span N + 1 distinct grid steps, the last "
+                f"replaced by the clean image)")
+    return None
 
 
 def ddim_sigma(process: DiffusionProcess, t: int, t_prev: int | None, eta: float) -> float:
@@ -83,19 +185,21 @@ def ddim_sample(
     device: torch.device | str = "cpu",
     bf16: bool = False,
     x_T: torch.Tensor | None = None,
+    grid: DiffusionProcess | None = None,
+    clip_x0: bool = True,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, Eq. 12) over S steps; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    """DDIM (Song et al. 2021, Eq. 12) over S steps of the grid; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+    den = Denoiser(model, process, grid, clip_x0, bf16)
+    grid = den.grid
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
-    ts = ddim_timesteps(process.T, steps)
+    ts = ddim_timesteps(grid.T, steps)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else None
-        # 1. eps_theta and x0_hat at step t.
-        eps = _eps(model, process, x, t, bf16)
-        abar_t = process.abar[t].item()
-        abar_prev = 1.0 if t_prev is None else process.abar[t_prev].item()
-        x0_hat = (x - (1 - abar_t) ** 0.5 * eps) / abar_t**0.5
+        # 1. eps_theta and x0_hat at step t (the clipping rule applied).
+        eps, x0_hat = den.at_step(x, t)
+        abar_prev = 1.0 if t_prev is None else grid.abar[t_prev].item()
         # 2. sigma_t(eta) and the direction pointing to x_t.
-        sigma = ddim_sigma(process, t, t_prev, eta)
+        sigma = ddim_sigma(grid, t, t_prev, eta)
         direction = max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
         # 3. x_{t_prev} = sqrt(abar_prev) x0_hat + direction + sigma z.
         x = abar_prev**0.5 * x0_hat + direction
@@ -104,17 +208,37 @@ def ddim_sample(
     return x
 
 
+def network_evaluations(sampler: str, steps: int, T: int) -> int:
+    """Network evaluations per image of ``sampler`` with ``steps``: DDPM always takes T."""
+    if sampler == "ddpm":
+        return T
+    if sampler == "ddim":
+        return steps
+    from akod_ray.diffusion.solvers import solver_evaluations
+
+    return solver_evaluations(sampler, steps)
+
+
 def sample(model, process: DiffusionProcess, n: int, generator: torch.Generator, sampler: str = "ddim",
            steps: int = 50, eta: float = 0.0, device="cpu", image_size: int = 32, bf16: bool = False,
-           batch_size: int = 256) -> torch.Tensor:
-    """n images in [-1, 1] from ``sampler`` (ddpm | ddim), in batches, from one generator."""
+           batch_size: int = 256, grid: DiffusionProcess | None = None, clip_x0: bool = True,
+           kernel_size: int = 7) -> torch.Tensor:
+    """n images in [-1, 1] from ``sampler`` on ``grid`` (default: the training schedule), in batches,
+    from one generator. ``ddpm`` takes all T steps; ``steps`` is the network-evaluation budget of the others;
+    ``kernel_size`` is sigma_local's filter for ``adaptive`` (``dko.kernel_size``)."""
     out = []
     for start in range(0, n, batch_size):
         shape = (min(batch_size, n - start), 3, image_size, image_size)
         if sampler == "ddpm":
-            out.append(ddpm_sample(model, process, shape, generator, device, bf16))
+            out.append(ddpm_sample(model, process, shape, generator, device, bf16, grid, clip_x0))
         elif sampler == "ddim":
-            out.append(ddim_sample(model, process, shape, generator, steps, eta, device, bf16))
+            out.append(ddim_sample(model, process, shape, generator, steps, eta, device, bf16, grid=grid,
+                                   clip_x0=clip_x0))
         else:
-            raise ValueError(f"eval.sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+            from akod_ray.diffusion.solvers import SOLVERS, solver_sample
+
+            if sampler not in SOLVERS:
+                raise ValueError(f"eval.sampler must be one of {STEP_SAMPLERS + tuple(SOLVERS)}, got {sampler!r}")
+            out.append(solver_sample(sampler, model, process, shape, generator, steps, device, bf16, grid, clip_x0,
+                                     kernel_size=kernel_size))
     return torch.cat(out).clamp(-1, 1)

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from akod_ray.errors import ConfigError, DataError
 
@@ -36,6 +37,91 @@ def cosine_betas(T: int, s: float = 0.008) -> torch.Tensor:
     f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
     abar = f / f[0]
     return torch.clamp(1.0 - abar[1:] / abar[:-1], max=MAX_BETA)
+
+
+def betas_from_logsnr(log_snr: torch.Tensor) -> torch.Tensor:
+    """beta_t = 1 - abar_t / abar_{t-1} with abar_t = sigmoid(lambda_t), computed in log space (float64)."""
+    log_abar = F.logsigmoid(log_snr.to(torch.float64))
+    prev = torch.cat([torch.zeros(1, dtype=torch.float64), log_abar[:-1]])
+    return -torch.expm1(log_abar - prev)
+
+
+def uniform_logsnr_betas(T: int, logsnr_max: float, logsnr_min: float) -> torch.Tensor:
+    """loglinear: log-SNR falls linearly in t from logsnr_max to logsnr_min (the DKO's start, the common sampling grid)."""
+    return validate_betas(betas_from_logsnr(torch.linspace(logsnr_max, logsnr_min, T, dtype=torch.float64)), T)
+
+
+# EDM (Karras et al. 2022): ln sigma ~ N(P_mean = -1.2, P_std = 1.2) with sigma^2 = 1 / SNR, so
+# log-SNR = -2 ln sigma ~ N(2.4, 2.4^2).
+EDM_LOGSNR_MEAN, EDM_LOGSNR_STD = 2.4, 2.4
+
+
+def _normal_cdf(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    return torch.special.ndtr((x - mean) / std)
+
+
+def _normal_quantile(p: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    return mean + std * torch.special.ndtri(p)
+
+
+def _laplace_cdf(x: torch.Tensor, loc: float, scale: float) -> torch.Tensor:
+    z = (x - loc) / scale
+    return torch.where(z < 0, 0.5 * torch.exp(z), 1 - 0.5 * torch.exp(-z))
+
+
+def _laplace_quantile(p: torch.Tensor, loc: float, scale: float) -> torch.Tensor:
+    return loc + scale * torch.where(p < 0.5, torch.log(2 * p), -torch.log(2 - 2 * p))
+
+
+def quantile_logsnr(T: int, logsnr_max: float, logsnr_min: float, cdf, quantile) -> torch.Tensor:
+    """log-SNR at step t = the quantile 1 - t / (T - 1) of a distribution truncated to [logsnr_min, logsnr_max].
+
+    Under uniform t the network then trains on log-SNR drawn from that distribution (the T
+    steps are its quantiles), and the endpoints are exactly logsnr_max (t = 0) and logsnr_min
+    (t = T - 1), the range every arm shares.
+    """
+    hi, lo = cdf(torch.tensor(logsnr_max, dtype=torch.float64)), cdf(torch.tensor(logsnr_min, dtype=torch.float64))
+    u = torch.linspace(0, 1, T, dtype=torch.float64)
+    lam = quantile(hi - u * (hi - lo))
+    lam[0], lam[-1] = logsnr_max, logsnr_min  # exact endpoints (the quantile function rounds at the tails)
+    return lam
+
+
+ANCHORS = ("loglinear", "edm", "laplace")  # fixed schedules within the shared endpoints; the DKO's possible priors
+
+
+def anchor_logsnr(name: str, T: int, logsnr_max: float, logsnr_min: float, laplace_scale: float = 1.0) -> torch.Tensor:
+    """log-SNR [T] (float64) of an anchor schedule within [logsnr_min, logsnr_max]:
+
+    loglinear   linear in t (uniform log-SNR under uniform t)
+    edm         the quantiles of EDM's training noise levels, N(2.4, 2.4^2) (Karras et al. 2022)
+    laplace     the quantiles of Laplace(0, laplace_scale) (Hang et al. 2024)
+    """
+    if name == "loglinear":
+        return torch.linspace(logsnr_max, logsnr_min, T, dtype=torch.float64)
+    if name == "edm":
+        return quantile_logsnr(T, logsnr_max, logsnr_min, lambda x: _normal_cdf(x, EDM_LOGSNR_MEAN, EDM_LOGSNR_STD),
+                               lambda p: _normal_quantile(p, EDM_LOGSNR_MEAN, EDM_LOGSNR_STD))
+    if name == "laplace":
+        return quantile_logsnr(T, logsnr_max, logsnr_min, lambda x: _laplace_cdf(x, 0.0, laplace_scale),
+                               lambda p: _laplace_quantile(p, 0.0, laplace_scale))
+    raise ValueError(f"anchor schedule must be one of {ANCHORS}, got {name!r}")
+
+
+def anchor_betas(name: str, T: int, logsnr_max: float, logsnr_min: float, laplace_scale: float = 1.0) -> torch.Tensor:
+    """Betas of :func:`anchor_logsnr`, validated (a too concentrated one has beta_t > 0.999 at its ends)."""
+    what = f"laplace schedule (scale {laplace_scale:g})" if name == "laplace" else f"{name} schedule"
+    return validate_betas(betas_from_logsnr(anchor_logsnr(name, T, logsnr_max, logsnr_min, laplace_scale)), T, name=what)
+
+
+def edm_betas(T: int, logsnr_max: float, logsnr_min: float) -> torch.Tensor:
+    """edm: log-SNR at the quantiles of EDM's training noise levels, N(2.4, 2.4^2), within the shared endpoints."""
+    return anchor_betas("edm", T, logsnr_max, logsnr_min)
+
+
+def laplace_betas(T: int, logsnr_max: float, logsnr_min: float, scale: float) -> torch.Tensor:
+    """laplace: log-SNR at the quantiles of Laplace(0, scale) (Hang et al. 2024), within the shared endpoints."""
+    return anchor_betas("laplace", T, logsnr_max, logsnr_min, scale)
 
 
 FIXED_SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
@@ -68,14 +154,55 @@ def validate_betas(betas: torch.Tensor, T: int | None = None, name: str = "sched
     return betas
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def save_schedule(path: str | Path, betas: torch.Tensor, **meta) -> Path:
-    """Write a schedule file (JSON: betas and provenance), atomically."""
+    """Write a schedule file (JSON: betas and provenance), atomically, and beside it the same schedule in
+    diffusers' format (:func:`save_diffusers_config`, ``scheduler_config.json`` in the same folder)."""
     betas = validate_betas(betas)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"T": int(betas.shape[0]), "betas": betas.tolist(), **meta}))
-    tmp.replace(path)
+    _write_atomically(path, json.dumps({"T": int(betas.shape[0]), "betas": betas.tolist(), **meta}))
+    save_diffusers_config(path.parent, betas, schedule_file=path.name, **meta)
+    return path
+
+
+DIFFUSERS_CONFIG = "scheduler_config.json"
+
+
+def diffusers_config(betas: torch.Tensor, **meta) -> dict:
+    """The schedule as a diffusers scheduler config: ``trained_betas`` (float64 here; diffusers reads them as
+    float32), ``num_train_timesteps`` = T and ``prediction_type`` epsilon (the project's networks predict
+    the noise). Only keys that DPMSolverMultistep, UniPCMultistep, EulerDiscrete, HeunDiscrete and DDIM
+    schedulers share, so each loads it without warnings; ``beta_schedule`` is diffusers' default and unused
+    beside ``trained_betas``. ``timestep_spacing`` linspace starts DPM-Solver++, UniPC, Euler and Heun at
+    pure noise (t = T - 1) for N >= 2 steps; give DDIMScheduler ``timestep_spacing="trailing"`` for that.
+    Provenance goes under ``_akod`` (diffusers ignores keys that start with an underscore).
+    """
+    from importlib import metadata
+
+    betas = validate_betas(betas)
+    config = {"_class_name": "DPMSolverMultistepScheduler"}
+    try:
+        config["_diffusers_version"] = metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        pass
+    return {**config, "num_train_timesteps": int(betas.shape[0]), "trained_betas": betas.tolist(),
+            "beta_schedule": "linear", "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0,
+            "_akod": meta}
+
+
+def save_diffusers_config(folder: str | Path, betas: torch.Tensor, **meta) -> Path:
+    """Write ``folder/scheduler_config.json`` (:func:`diffusers_config`) atomically, so that
+    ``DPMSolverMultistepScheduler.from_pretrained(folder)`` (or UniPC, Euler, Heun, DDIM) loads the schedule."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / DIFFUSERS_CONFIG
+    _write_atomically(path, json.dumps(diffusers_config(betas, **meta), indent=1))
     return path
 
 

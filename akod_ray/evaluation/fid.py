@@ -22,6 +22,7 @@ and statistics of different feature spaces refuse to be compared.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -210,10 +211,10 @@ def build_inception(weights: str | Path | None = None, device: str | torch.devic
     from pytorch_fid import inception as pfi
 
     path = inception_weights_path(weights)
-    from akod_ray.training.checkpoint import LOAD_ERRORS, torch_load_error
+    from akod_ray.training.checkpoint import LOAD_ERRORS, load_plain, torch_load_error
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_plain(path)
         net = fid_inception_architecture()
         net.load_state_dict(state)
     except LOAD_ERRORS as e:
@@ -337,14 +338,18 @@ class FIDResult:
     ref_n: int
     ref_source: str
     implementation: str
+    sampling: dict | None = None  # what was sampled (evaluation.sampling.sampling_record), when known
 
     def __str__(self) -> str:
+        from akod_ray.evaluation.sampling import describe_sampling
+
+        how = f"; sampled with {describe_sampling(self.sampling)}" if self.sampling else ""
         return (f"{self.name} = {self.value:.3f} (N = {self.n} samples vs reference N = {self.ref_n}, "
-                f"{self.ref_source}; {self.implementation})")
+                f"{self.ref_source}; {self.implementation}{how})")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "value": self.value, "n": self.n, "ref_n": self.ref_n,
-                "ref_source": self.ref_source, "implementation": self.implementation}
+                "ref_source": self.ref_source, "implementation": self.implementation, "sampling": self.sampling}
 
 
 def score(images: torch.Tensor, ref: FeatureStats, weights: str | Path | None = None,
@@ -368,21 +373,17 @@ def fid_c10(images: torch.Tensor, ref_stats: FeatureStats, net: torch.nn.Module 
 def fid_from_checkpoint(checkpoint: str | Path, ref_stats: str | Path, n: int = 10_000, seed: int = 0,
                         sampler: str | None = None, steps: int | None = None, eta: float | None = None,
                         weights: str | Path | None = None, batch_size: int = 256,
-                        device: str | torch.device = "cpu") -> FIDResult:
-    """Sample ``n`` images from a checkpoint's EMA model (sampler settings default to its eval config)
-    and score them against the reference statistics file (FID or fid_c10, by the file)."""
-    from akod_ray.diffusion.samplers import sample
+                        device: str | torch.device = "cpu", grid: str | None = None) -> FIDResult:
+    """Sample ``n`` images from a checkpoint's EMA model (sampler, steps, eta and sampling grid default
+    to its eval config) and score them against the reference statistics file (FID or fid_c10, by the file)."""
+    from akod_ray.evaluation.sampling import check_sampling, sample_as_configured
     from akod_ray.training.checkpoint import load_for_sampling
 
     ref = load_reference_stats(ref_stats)
     check_reference(ref, ref_stats, weights)
     model, process, cfg = load_for_sampling(checkpoint, device)
-    sampler, steps = sampler or cfg.eval.sampler, steps or cfg.eval.ddim_steps
-    if sampler == "ddim" and steps > process.T:
-        raise AkodError(f"--steps must be <= diffusion.T={process.T} of the checkpoint (DDIM takes a subset of its "
-                        f"steps), got {steps}")
+    record = check_sampling(cfg, process, sampler=sampler, steps=steps, grid=grid)
     g = torch.Generator(device=device).manual_seed(seed)
-    images = sample(model, process, n, g, sampler=sampler,
-                    steps=steps, eta=cfg.eval.ddim_eta if eta is None else eta,
-                    device=device, bf16=cfg.train.bf16, batch_size=batch_size)
-    return score(images.cpu(), ref, weights, device=device)
+    images = sample_as_configured(cfg, model, process, n, g, device, sampler=sampler, steps=steps, eta=eta, grid=grid,
+                                  batch_size=batch_size)
+    return dataclasses.replace(score(images.cpu(), ref, weights, device=device), sampling=record)
