@@ -1,4 +1,4 @@
-# make demo : the smoke sweep (every arm on a CIFAR-10 subset, a few minutes on 2 CPUs) + its report
+# make demo : the smoke sweep (seven arms on a CIFAR-10 subset, about 10 minutes on 2 idle cores) + its report
 # make test : the whole test suite (unit tests + the real-Ray end-to-end tests marked slow)
 # Both create .venv from requirements.txt when it is missing.
 
@@ -9,11 +9,13 @@ export AKOD_DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10/train.parquet),$(
 
 .PHONY: setup demo test test-fast bench clean-runs
 
+# The editable install: setuptools' build backend prints a boxed notice ("Editable installation",
+# a UserWarning) on every install; PYTHONWARNINGS quiets that one command's warnings, not its errors.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed

@@ -105,9 +105,10 @@ def check_local_resources(cfg: Config) -> None:
 
 def preflight_train(cfg: Config, data_dir_flag: str | None) -> None:
     """Everything `akod train` can check before it writes anything or starts Ray."""
-    from akod_ray.training.trainer import data_dir_for
+    from akod_ray.training.trainer import check_train_index, data_dir_for
 
     check_writable_folder(cfg.run_dir, "run folder (run.root/run.name)")
+    check_train_index(cfg.run_dir)
     check_schedule_file(cfg)
     check_data(cfg, data_dir_for(cfg, data_dir_flag))
     check_local_resources(cfg)
@@ -131,9 +132,11 @@ def sweep_trial_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 def preflight_sweep(cfg: Config, data_dir_flag: str | None) -> None:
     """Everything `akod sweep` can check before it writes anything or starts Ray."""
-    from akod_ray.training.trainer import data_dir_for
+    from akod_ray.training.trainer import TRAIN_INDEX, check_train_index, data_dir_for
 
     check_writable_folder(Path(cfg.run.root) / cfg.sweep.name, "sweep folder (run.root/sweep.name)")
+    for index in sorted((Path(cfg.run.root) / cfg.sweep.name / "runs").glob(f"*/{TRAIN_INDEX}")):  # trials that resume
+        check_train_index(index.parent)
     trials = sweep_trial_configs(cfg)
     data_dir = data_dir_for(cfg, data_dir_flag)
     checked = set()

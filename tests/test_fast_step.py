@@ -137,6 +137,40 @@ def test_fast_step_is_train_step_bit_for_bit(small_model, emulate_capture):
     assert runner.describe()["captured"] is emulate_capture
 
 
+@pytest.mark.parametrize("emulate_capture", [False, True], ids=["eager", "captured"])
+def test_with_dropout_each_step_draws_its_masks_from_its_own_seed(tiny_model_config, perturb_zero_init, emulate_capture):
+    """Dropout 0.1: FastStep seeds the global generator right before the step runs (after the capture's
+    warm-up, which draws masks too), so it is train_step with the same ``rng_seed``, bit for bit."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = perturb_zero_init(UNet(dataclasses.replace(tiny_model_config, dropout=0.1), image_size=16))
+    ref_model, fast_model = copy.deepcopy(model), copy.deepcopy(model)
+    ref_lr = f32(1e-3) if emulate_capture else 1e-3  # a captured AdamW reads a float32 learning rate
+    ref_opt, opt = make_optimizer(ref_model, ref_lr, 0.0), make_optimizer(fast_model, 1e-3, 0.0)
+    runner = FastStep(fast_model, opt, OPTS, T, compile="eager", _emulate_capture=emulate_capture)
+    for step in range(3):
+        torch.manual_seed(1000 + step)  # whatever the global generator holds before a step does not matter
+        a = train_step(ref_model, process_at(step), batches(step), ref_opt, OPTS, torch.Generator().manual_seed(step),
+                       rng_seed=77 + step)
+        torch.manual_seed(2000 + step)
+        b = runner(batches(step), process_at(step), torch.Generator().manual_seed(step), rng_seed=77 + step)
+        assert a["loss"].item() == b["loss"].item() and a["grad_norm"].item() == b["grad_norm"].item()
+    assert_same_weights(fast_model, ref_model)
+
+
+def test_an_infinite_gradient_norm_with_a_finite_loss_is_a_divergence(small_model):
+    opt = make_optimizer(small_model, 1e-3, 0.0)
+    runner = FastStep(small_model, opt, OPTS, T, compile="eager")
+    calls = []  # backward passes: two micro-batches a step; the third is step 1's first
+    next(small_model.parameters()).register_hook(
+        lambda g: torch.full_like(g, float("inf")) if calls.append(1) or len(calls) == 3 else g)
+    losses = [runner(batches(s), process_at(s), torch.Generator().manual_seed(s))["loss"].item() for s in range(3)]
+    assert all(math.isfinite(x) for x in losses[:2])  # step 2's loss was finite; its clipped gradient was NaN
+    with pytest.raises(TrainingDivergedError, match=r"^training diverged: gradient norm is inf at step 11$"):
+        runner.read_loss(step=12)  # the loop's step 12 was the runner's third
+
+
 def test_schedule_change_rewrites_the_tables_in_place_without_recapture(small_model, monkeypatch):
     captures = []
     real = FastStep._capture_graph

@@ -47,7 +47,7 @@ def train_tiny_run(run_dir: Path, schedule: str, seed: int, ref_c10, feat_net, m
     cfg = Config(run=RunConfig(name=run_dir.name, root=str(run_dir.parent)), diffusion=diffusion, model=TINY_MODEL, dko=DKOConfig(num_knots=8),
                  data=DataConfig(source="procedural", val_size=8, seed=seed),
                  train=TrainConfig(steps=STEPS, batch_size=8, lr=2e-3, warmup_steps=0, ema_decay=0.5, seed=seed),
-                 eval=EvalConfig(sampler="ddim", ddim_steps=5, grid_size=4, fid_samples=16))
+                 eval=EvalConfig(sampler="ddim", sampler_steps=5, grid_size=4, fid_samples=16))
     save_config(cfg, run_dir)
     if schedule == "akod":
         # A learned-looking schedule: the DKO's knot construction from fixed actions.
@@ -119,8 +119,8 @@ def test_report_tables_hold_the_runs_numbers(sweep):
     md_path = write_report(root, target_ref_loss=1.0)
     assert md_path == root / "report.md"
     md = md_path.read_text()
-    for name, arm in (("trial_0/linear_s0", "linear"), ("trial_1/cosine_minsnr_s1", "cosine + Min-SNR-5"),
-                      ("trial_2/akod_s0", "akod (k=7)")):
+    for name, arm in (("trial_0/linear_s0", "baseline"), ("trial_1/cosine_minsnr_s1", "min_snr (Min-SNR-5)"),
+                      ("trial_2/akod_s0", "dko_only (k=7)")):  # the plain U-Net with a learned schedule
         recs = records[name]
         rows = _table_rows(md, f"Arm: {arm}")
         assert len(rows) == 1
@@ -136,7 +136,7 @@ def test_report_tables_hold_the_runs_numbers(sweep):
     assert "reference loss <= 1.00000 (given)" in md
     assert "fid_c10 <= " in md and "auto" in md
     summary = _table_rows(md, "Summary (mean over each arm's runs)")
-    assert sorted(r[0] for r in summary) == ["akod (k=7)", "cosine + Min-SNR-5", "linear"]
+    assert sorted(r[0] for r in summary) == ["baseline", "dko_only (k=7)", "min_snr (Min-SNR-5)"]
     assert all(r[-1].endswith("(1/1 reached)") for r in summary)
 
 
@@ -165,7 +165,7 @@ def test_single_run_and_missing_metrics(sweep, tmp_path):
     bare.mkdir()
     (bare / "config.yaml").write_text((run / "config.yaml").read_text())
     (bare / "metrics.jsonl").write_text(json.dumps({"step": 1, "wall_s": 0.5, "loss": 1.0}) + "\n")
-    rows = _table_rows(write_report(bare).read_text(), "Arm: linear")
+    rows = _table_rows(write_report(bare).read_text(), "Arm: baseline")
     assert rows[0][5] == "—" and rows[0][6] == "—" and rows[0][7] == "—"
     with pytest.raises(DataError, match="missing.*not a folder"):
         write_report(tmp_path / "missing")

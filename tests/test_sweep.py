@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from akod_ray.config import load_config
-from akod_ray.sweep.trial import point_name, search_space, trial_config
+from akod_ray.sweep.trial import point_name, replace_sweep, search_space, trial_config
 from akod_ray.sweep.tuner import write_table
 from ray_helpers import CIFAR_DIR as CIFAR
 
@@ -37,15 +37,17 @@ def test_search_space_covers_arms_filter_sizes_and_seeds():
 # arm -> (schedule, Min-SNR gamma, MSFI and beta-modulation): DESIGN 1.7
 EXPECTED_SWITCHES = {
     "baseline": ("linear", None, False), "cosine": ("cosine", None, False), "min_snr": ("cosine", 5.0, False),
-    "loglinear": ("loglinear", None, False), "msfi_only": ("cosine", None, True), "dko_only": ("akod", None, False),
-    "akod": ("akod", None, True),
+    "loglinear": ("loglinear", None, False), "edm": ("edm", None, False), "laplace": ("laplace", None, False),
+    "msfi_only": ("cosine", None, True), "dko_only": ("akod", None, False), "akod": ("akod", None, True),
 }
+SMOKE_ARMS = {"baseline", "cosine", "loglinear", "laplace", "msfi_only", "dko_only", "akod"}  # make demo's seven
 
 
 def test_trial_config_gives_every_arm_its_switches_and_the_same_budget():
     cfg = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget=6400", "train.batch_size=32",
                                                              "model.msfi=true", "model.beta_modulation=false"])
-    assert set(cfg.sweep.arms) == set(EXPECTED_SWITCHES)  # the smoke sweep runs all seven arms
+    assert set(cfg.sweep.arms) == SMOKE_ARMS  # the smoke sweep runs seven of the arms
+    cfg = replace_sweep(cfg, arms=tuple(EXPECTED_SWITCHES))
     by_arm = {p["arm"]: trial_config(cfg, p, "/tmp/x", "t1") for p in search_space(cfg)}
     assert {c.train.steps for c in by_arm.values()} == {200}
     for arm, (schedule, gamma, akod_unet) in EXPECTED_SWITCHES.items():
@@ -60,7 +62,7 @@ def test_trial_config_gives_every_arm_its_switches_and_the_same_budget():
 
 @pytest.mark.timeout(300)
 def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
-    """Issue 11: each of the seven arms runs (a few steps, tiny U-Net, procedural data) with the
+    """Issues 11 and 16: each of the nine arms runs (a few steps, tiny U-Net, procedural data) with the
     network and schedule its spec says: MSFI weights exist only in the AKOD U-Net arms, the
     schedule the checkpoint stores is the arm's."""
     import ray
@@ -68,7 +70,7 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
 
     from akod_ray.data.sources import load_training_data
     from akod_ray.diffusion.dko import uniform_logsnr_betas
-    from akod_ray.diffusion.schedules import fixed_schedule
+    from akod_ray.diffusion.schedules import anchor_betas, fixed_schedule
     from akod_ray.rl.driver import train_akod_local
     from akod_ray.sweep.trial import summarize
     from akod_ray.training.checkpoint import latest_checkpoint, load_state
@@ -79,7 +81,7 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
     base = load_config(ROOT / "tune_configs" / "tiny_akod.yaml", [
         "data.source=procedural", "data.train_subset=64", "data.val_size=8", "train.batch_size=8", "train.steps=4",
         "train.log_every=2", "train.ckpt_every=4", "train.sample_every=4", "rl.segment_steps=2", "rl.train_batch=1",
-        "rl.minibatch_size=3", "dko.probe_pool=16", "eval.fid_samples=8", "eval.ddim_steps=2", "sweep.budget=32"])
+        "rl.minibatch_size=3", "dko.probe_pool=16", "eval.fid_samples=8", "eval.sampler_steps=2", "sweep.budget=32"])
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -96,8 +98,10 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
             assert state["step"] == 4, arm
             assert any(k.startswith("msfi.") for k in state["model"]) == akod_unet, arm
             assert any(k.startswith("modulation.") for k in state["model"]) == akod_unet, arm
+            ends = (cfg.dko.logsnr_max, cfg.dko.logsnr_min)
             expected = {"linear": fixed_schedule("linear", 1000), "cosine": fixed_schedule("cosine", 1000),
-                        "loglinear": uniform_logsnr_betas(1000, cfg.dko.logsnr_max, cfg.dko.logsnr_min)}.get(schedule)
+                        "loglinear": uniform_logsnr_betas(1000, *ends), "edm": anchor_betas("edm", 1000, *ends),
+                        "laplace": anchor_betas("laplace", 1000, *ends, cfg.diffusion.laplace_scale)}.get(schedule)
             if expected is not None:
                 assert torch.equal(state["betas"], expected), arm
             else:  # the learned arms store the DKO that made their schedule
@@ -193,7 +197,7 @@ RESUME_BASE = {
     "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
     "train": {"batch_size": 8, "log_every": 4, "ckpt_every": 4, "sample_every": 8, "val_batch": 8, "ref_grid": 2,
               "cpus_per_worker": 1},
-    "eval": {"ddim_steps": 4, "grid_size": 2, "fid_samples": 8},
+    "eval": {"sampler_steps": 4, "grid_size": 2, "fid_samples": 8},
     "sweep": {"name": "resume", "arms": ["baseline", "cosine"], "budget": 64, "max_concurrent_trials": 1},
 }
 

@@ -6,6 +6,8 @@ workers run, with checkpoints written to the run folder by the env.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -35,7 +37,7 @@ def tiny_config(root: Path, name: str, steps: int, **train) -> Config:
         train=TrainConfig(**{"steps": steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": 2, "log_every": 2,
                              "ckpt_every": N, "sample_every": 10_000, "num_to_keep": 10, "ref_grid": 2,
                              "ema_decay": 0.9, **train}),
-        eval=EvalConfig(ddim_steps=2, grid_size=1, fid_samples=16),
+        eval=EvalConfig(sampler_steps=2, grid_size=1, fid_samples=16),
     )
 
 
@@ -159,9 +161,10 @@ class SegmentedSchedule:
         pass
 
 
-def test_a_segment_end_on_a_log_step_evaluates_the_reference_loss_once(tmp_path, torch_single_thread, monkeypatch):
-    """The reward's reference loss is reused by the metrics record of the same step (it is the
-    same deterministic number); log steps inside a segment still evaluate their own."""
+def test_a_segment_end_scores_the_reward_probe_once_and_log_steps_the_reference(tmp_path, torch_single_thread,
+                                                                                 monkeypatch):
+    """At a segment end the reward probe (rl.reward_images x rl.reward_grid) is evaluated once and posted;
+    every log step evaluates the reference loss (train.ref_grid x data.val_size) once for its record."""
     from akod_ray.training import step as step_module
     from akod_ray.training.schedule_source import fixed_betas
 
@@ -170,19 +173,20 @@ def test_a_segment_end_on_a_log_step_evaluates_the_reference_loss_once(tmp_path,
 
     def counted(self, model, bf16=False):
         value = original(self, model, bf16)
-        calls.append(value)
+        calls.append(len(value))
         return value
 
     monkeypatch.setattr(step_module.ReferenceProtocol, "profile", counted)
     cfg = tiny_config(tmp_path, "segments", 8, log_every=2)  # log steps 2, 4, 6, 8
+    cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward_grid=5))
     source = SegmentedSchedule(fixed_betas(cfg), length=4)  # segment ends at 4 and 8
     save_config(cfg, cfg.run_dir)
     run_training(cfg, load_training_data(cfg, None), LocalEnv(cfg.run_dir, num_to_keep=10), cfg.run_dir, source)
 
     assert [p["step"] for p in source.posted] == [4, 8]
+    assert all(len(p["profile"]) == 5 and len(p["profile_logsnr"]) == 5 for p in source.posted)
     records = {r["step"]: r for r in metrics(cfg.run_dir)}
     assert sorted(records) == [2, 4, 6, 8]
-    assert len(calls) == 4  # steps 2 and 6 for the log, 4 and 8 for the reward (not again for the log)
-    for p in source.posted:
-        assert records[p["step"]]["ref_loss"] == p["ref_loss"]
+    ref = cfg.train.ref_grid
+    assert sorted(calls) == sorted([ref] * 4 + [5] * 2)  # 4 log records, 2 segment ends: each evaluated once
     assert "other_reward_s" in records[8] and "other_metrics_s" in records[8]

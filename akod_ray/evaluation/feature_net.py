@@ -89,10 +89,10 @@ def load_feature_net(path: str | Path | None = None, device: str | torch.device 
             f"fid_c10 classifier weights {str(path)!r} do not exist; train them with "
             "`python -m akod_ray.evaluation.train_classifier --data-dir DIR --out PATH`"
         )
-    from akod_ray.training.checkpoint import LOAD_ERRORS, torch_load_error
+    from akod_ray.training.checkpoint import LOAD_ERRORS, load_plain, torch_load_error
 
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_plain(path)
         net = C10FeatureNet(width=int(blob["width"]))
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
     except LOAD_ERRORS as e:

@@ -2,8 +2,8 @@
 
 A run folder holds ``config.yaml`` (the resolved config) and ``metrics.jsonl``, and may hold
 ``samples/grid_<step>.png`` and ``schedule.json`` (AKOD). A sweep folder holds run folders
-at any depth. The report has one table per arm (schedule, Min-SNR, DKO filter size; the
-seeds of an arm are its rows) with the final reference loss, the final fid_c10 / FID with
+at any depth. The report has one table per arm (schedule, Min-SNR, network and DKO filter
+size: :func:`arm_name`; the seeds of an arm are its rows) with the final reference loss, the final fid_c10 / FID with
 their sample counts, wall-clock and time-to-target, a summary table over arms, quality
 against wall-clock plots, the learned schedules against linear and cosine, and the latest
 sample grid of each run. A missing metric shows as "—".
@@ -11,6 +11,7 @@ sample grid of each run. A missing metric shows as "—".
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from akod_ray.diffusion.schedules import load_schedule
+from akod_ray.diffusion.schedules import MAX_SCHEDULE_BYTES, load_schedule
 from akod_ray.errors import DataError
 from akod_ray.evaluation.metrics import last_value, read_metrics, series, time_to_target
 from akod_ray.reporting.plots import plot_metric_vs_time, plot_schedules
@@ -55,16 +56,30 @@ class Run:
 
 
 def arm_name(config: dict) -> str:
-    """linear | cosine | akod (k=7) | file, with "+ Min-SNR-5" when diffusion.min_snr_gamma is set."""
-    diffusion = config.get("diffusion") or {}
+    """The run's arm of a comparison (DESIGN 1.7): a schedule, the Min-SNR weighting and a network, so
+    that runs of different arms never share a row of the summary (dko_only trains the learned schedule
+    with the plain U-Net, akod with the AKOD U-Net; msfi_only and cosine share a schedule).
+
+    The sweep's arm name (config.ARM_SPECS) when the run is one: ``baseline``, ``min_snr (Min-SNR-5)``,
+    ``dko_only (k=7)``, ``akod (k=7)``, ...; else what it is made of: ``linear + Min-SNR-5, MSFI``."""
+    from akod_ray.config import ARM_SPECS, ModelConfig
+
+    diffusion, model = config.get("diffusion") or {}, config.get("model") or {}
     schedule = str(diffusion.get("schedule") or "?")
-    name = schedule
-    if schedule == "akod":
-        name += f" (k={(config.get('dko') or {}).get('kernel_size', '?')})"
     gamma = diffusion.get("min_snr_gamma")
+    msfi = bool(model.get("msfi", ModelConfig.msfi))
+    modulation = bool(model.get("beta_modulation", ModelConfig.beta_modulation))
+    details = []
+    if schedule == "akod":
+        details.append(f"k={(config.get('dko') or {}).get('kernel_size', '?')}")
     if gamma is not None:
-        name += f" + Min-SNR-{gamma:g}" if _number(gamma) is not None else f" + Min-SNR-{gamma}"
-    return name
+        details.append(f"Min-SNR-{gamma:g}" if _number(gamma) is not None else f"Min-SNR-{gamma}")
+    spec = (schedule, gamma is not None, msfi)
+    arm = next((a for a, s in ARM_SPECS.items() if s == spec), None) if msfi == modulation else None
+    if arm is not None:
+        return arm + (f" ({', '.join(details)})" if details else "")
+    name = schedule + (f" ({details[0]})" if schedule == "akod" else "") + (f" + {details[-1]}" if gamma is not None else "")
+    return ", ".join([name] + [part for on, part in ((msfi, "MSFI"), (modulation, "beta modulation")) if on])
 
 
 def _number(value) -> float | None:
@@ -98,6 +113,16 @@ def find_runs(root: str | Path) -> list[Path]:
     return sorted({p.parent for p in root.rglob("metrics.jsonl") if (p.parent / "config.yaml").is_file()})
 
 
+def _learned(path: Path) -> bool:
+    """Is this schedule.json a learned one? Every run writes one; the AKOD driver marks its own ``"source": "akod"``
+    (a fixed arm's names its schedule). A file that cannot be read is left to :func:`load_schedule` to report."""
+    try:
+        head = json.loads(path.read_bytes()[:MAX_SCHEDULE_BYTES].decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return True
+    return not isinstance(head, dict) or head.get("source", "akod") == "akod"
+
+
 def load_run(run_dir: Path, root: Path) -> Run:
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     run = Run(run_dir, name, {}, [])
@@ -106,7 +131,7 @@ def load_run(run_dir: Path, root: Path) -> Run:
         run.records = read_metrics(run_dir / "metrics.jsonl")
     except DataError as e:
         run.problems.append(str(e))
-    if (run_dir / "schedule.json").is_file():
+    if (run_dir / "schedule.json").is_file() and _learned(run_dir / "schedule.json"):
         try:
             run.schedule = load_schedule(run_dir / "schedule.json")
         except DataError as e:
@@ -232,21 +257,28 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
     out = Path(out) if out is not None else root
     md_path = out if out.suffix == ".md" else out / REPORT_NAME
     files = md_path.parent / FILES_DIR
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{FILES_DIR}.", dir=md_path.parent))  # renamed to files/ at the end
-    staging.chmod(0o755)  # mkdtemp makes it private; a report is for reading
+    try:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{FILES_DIR}.", dir=md_path.parent))  # renamed to files/ at the end
+        staging.chmod(0o755)  # mkdtemp makes it private; a report is for reading
+    except OSError as e:  # what a permission check cannot see: a read-only file system, /proc, a full disk
+        raise DataError(f"report: cannot write into {str(md_path.parent)!r}: {e.strerror or e}") from None
     try:
         lines = _report_lines(root, runs, md_path, files, staging, target_ref_loss, target_fid)
         _publish(staging, files)
-    except BaseException:  # nothing half-written: the plots of a failed report never replace the last ones
+    except BaseException as e:  # nothing half-written: the plots of a failed report never replace the last ones
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise DataError(f"report: cannot write the plots into {str(files)!r}: {e.strerror or e}") from None
         raise
     tmp = md_path.with_name(md_path.name + ".tmp")
     try:
         tmp.write_text("\n".join(lines))
         tmp.replace(md_path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise DataError(f"report: cannot write {str(md_path)!r}: {e.strerror or e}") from None
         raise
     return md_path
 

@@ -19,6 +19,7 @@ import json
 import math
 import re
 import secrets
+import time
 from pathlib import Path
 
 import ray
@@ -72,6 +73,54 @@ def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
     md_tmp.write_text("\n".join(lines) + "\n")
     md_tmp.replace(md_path)
     return csv_path, md_path
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class SweepProgress(tune.Callback):
+    """One console line each time a trial ends: how many of the sweep's trials are done and about how
+    long the rest will take ("[akod] sweep: 3/7 trials done, about 6 min left").
+
+    The estimate: the mean duration of the trials that ended in this session, for each trial still
+    to start and for what the running ones have left, spread over ``concurrency`` trials at a time."""
+
+    def __init__(self, total: int, done: int, concurrency: int, clock=time.monotonic, out=print):
+        self.total, self.done, self.concurrency = total, done, max(1, concurrency)
+        self.clock, self.out = clock, out
+        self.started: dict[str, float] = {}
+        self.durations: list[float] = []
+        self.failed = 0
+
+    def setup(self, **info):
+        self.out(f"[akod] sweep: {self.total - self.done} of {self.total} trials to run, {self.concurrency} at a time",
+                 flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, self.clock())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += 1
+        self._ended(trial)
+
+    def _ended(self, trial) -> None:
+        now = self.clock()
+        start = self.started.pop(trial.trial_id, None)
+        if start is not None:
+            self.durations.append(now - start)
+        self.done += 1
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        line = f"[akod] sweep: {self.done}/{self.total} trials done{failed}"
+        left = self.total - self.done
+        if left > 0 and self.durations:
+            mean = sum(self.durations) / len(self.durations)
+            running = [now - t for t in self.started.values()]
+            work = sum(max(mean - elapsed, 0.0) for elapsed in running) + (left - len(running)) * mean
+            line += f", about {max(1, math.ceil(work / min(self.concurrency, left) / 60))} min left"
+        self.out(line, flush=True)
 
 
 # --------------------------------------------------------------------------- trials
@@ -191,13 +240,15 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
         start_ray(cfg)
         trainable = tune.with_resources(sweep_trial_fn(config_to_dict(cfg), str(runs_dir), data_dir),
                                         {"CPU": 0, "TRAIN_DRIVER": 1})
+        concurrency = concurrent_trials(cfg)
         tuner = tune.Tuner(  # always a fresh experiment: Tune's pickled state of an earlier attempt is never read
             trainable,
             param_space={"trial": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent_trials(cfg), trial_name_creator=trial_name,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(root), verbose=None if verbose else 0,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[SweepProgress(len(done) + len(todo), len(done), concurrency)]),
         )
         rows += [_row(result) for result in tuner.fit()]
     write_table(rows, sweep_dir)

@@ -63,6 +63,15 @@ LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.Unpic
                AttributeError, IndexError, KeyError, UnicodeDecodeError, RecursionError, MemoryError)
 
 
+def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``, without torch's warnings on stderr: a file pickled with another
+    protocol (a planted payload, say) gets a two-line UserWarning before its refusal, and the caller's
+    one-line error says enough. Raises what torch.load raises (:data:`LOAD_ERRORS`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint folder or its state.pt; a missing, truncated or corrupt file is a CheckpointError."""
     path = Path(path)
@@ -70,9 +79,7 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {str(file)!r} does not exist")
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols on stderr; the error says enough
-            warnings.simplefilter("ignore")
-            state = torch.load(file, map_location=map_location, weights_only=True)
+        state = load_plain(file, map_location)
     except LOAD_ERRORS as e:
         raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt or truncated: {torch_load_error(e)}") from None
     required = {"model", "ema", "step", "betas", "config"}

@@ -10,8 +10,12 @@ at every step, so the GPU was busy 27 ms of a 60 ms step. Here:
   weight: :meth:`DiffusionProcess.step_tables`) live in one device tensor, overwritten in place
   when the schedule changes (the AKOD arm: every segment), so compiled and captured code keeps
   reading the same address and never needs recompiling or recapturing for a new schedule;
-* nothing inside a step waits for the device: losses add up on the device and the caller reads
-  their mean (:meth:`FastStep.mean_loss`) at log intervals, where it checks for NaN;
+* nothing inside a step waits for the device: losses add up on the device, the first step whose
+  loss or gradient norm is not finite is noted on the device, and the caller reads both
+  (:meth:`FastStep.read`) at log intervals and before checkpoints, where it checks for divergence;
+* every random draw of a step is under the caller's control: t and noise come from the caller's
+  generator, and what draws from the global generator (dropout) draws after it was seeded with
+  the caller's ``rng_seed``, right before the step runs (after any capture warm-up);
 * ``train.compile`` (:data:`COMPILE_MODES`) chooses how the U-Net and the step run:
 
   eager            eager PyTorch ("eager", not "off": YAML reads an unquoted off as false).
@@ -20,8 +24,10 @@ at every step, so the GPU was busy 27 ms of a 60 ms step. Here:
                    fused multi-tensor kernels).
   reduce-overhead  default, and on CUDA the whole step (forward, backward, clipping, fused AdamW,
                    EMA, loss sum) captured once in one CUDA graph and replayed: one launch a step
-                   instead of thousands. Only the t and noise draws and the input copy run outside
-                   it, so steps stay reproducible from the loop's per-step seeds. On a CPU (no CUDA
+                   instead of thousands. Only the t and noise draws, the input copy and the seeding
+                   of the global generator run outside it, so steps stay reproducible from the
+                   loop's per-step seeds (a replay reads the generator's seed and offset as they
+                   are when it starts: PyTorch's graph-safe Philox state). On a CPU (no CUDA
                    graphs) or under DDP (capturing DDP's all-reduce needs NCCL settings that Ray
                    Train's workers do not make) it runs as default.
   auto             reduce-overhead on one CUDA device, default under DDP on CUDA, eager on a CPU
@@ -43,7 +49,7 @@ import torch.nn as nn
 
 from akod_ray.diffusion.process import TABLE_WIDTH, DiffusionProcess
 from akod_ray.training.ema import EMA
-from akod_ray.training.step import StepOptions, check_finite
+from akod_ray.training.step import Divergence, StepOptions
 
 COMPILE_MODES = ("auto", "eager", "default", "reduce-overhead")  # train.compile
 CAPTURE_WARMUP = 3  # eager steps on a side stream before a capture (PyTorch's CUDA graph notes: lazy state, cuBLAS/cuDNN setup)
@@ -81,8 +87,9 @@ class FastStep:
     """One optimizer step over micro-batches of x_0 in [-1, 1]: ``step(micro_batches, process, generator)``.
 
     The same contract as :func:`train_step` (t then noise drawn per micro-batch from
-    ``generator``, L_simple or Min-SNR, DDP all-reduce on the last micro-batch only, gradient
-    clipping, the optimizer step), plus the EMA update when ``ema`` is given. Returns
+    ``generator``, the global generator seeded with ``rng_seed`` for dropout, L_simple or Min-SNR,
+    DDP all-reduce on the last micro-batch only, gradient clipping, the optimizer step), plus the
+    EMA update when ``ema`` is given. Returns
     ``{"loss", "grad_norm"}`` as device tensors; reading them is the caller's choice (and its
     synchronization). The learning rate is read from ``optimizer.param_groups`` at every call,
     so a loop that sets ``group["lr"]`` keeps working; ``optimizer.load_state_dict`` drops a
@@ -124,9 +131,13 @@ class FastStep:
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_steps = 0
         self._last_read = math.nan
+        self._last_bad: Divergence | None = None
         self._calls = 0  # steps run (host count), and on the device: the same count, and the first non-finite one
         self._steps_run = torch.zeros((), dtype=torch.long, device=self.device)
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_grad = torch.zeros((), dtype=torch.bool, device=self.device)  # at _first_bad: the loss was finite, the gradient norm not
+        self._bad_value = torch.zeros((), device=self.device)  # at _first_bad: the value that was not finite
+        self._rng_seed: int | None = None  # the global generator's seed for the step being run
         # capture state
         self._graph = None
         self._graph_key = None
@@ -139,16 +150,20 @@ class FastStep:
     # ------------------------------------------------------------------ public
 
     def __call__(self, micro_batches: list[torch.Tensor], process: DiffusionProcess,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                 generator: torch.Generator | None = None, rng_seed: int | None = None) -> dict[str, torch.Tensor]:
+        """One step. ``rng_seed``: the seed of the global generator (CPU and CUDA) for the step's own
+        draws (dropout), set right before the step runs; None leaves the global generator as it is."""
         if process is not self._process:
             self._set_process(process)
         if not self.model.training:
             self.model.train()
         self._loss_steps += 1
         self._calls += 1
+        self._rng_seed = rng_seed
         if self.capture:
             return self._captured_step(micro_batches, generator)
         inputs = [self._draw(x0, generator) for x0 in micro_batches]
+        self._seed_rng()
         loss, grad_norm = self._step(inputs)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "grad_norm": grad_norm}
@@ -166,17 +181,30 @@ class FastStep:
             self._loss_steps = 0
         return mean
 
-    def read_loss(self, step: int, reset: bool = True) -> float:
-        """:meth:`mean_loss` on the host, with the divergence check: when a step since the last
-        reset had a NaN or inf loss, raise TrainingDivergedError naming that step, given that the
-        last step run was ``step``. With no step since the last reset: the last value read."""
+    def read(self, step: int, reset: bool = True) -> tuple[float, Divergence | None]:
+        """:meth:`mean_loss` on the host, and the first step whose loss or gradient norm was NaN or
+        inf (counted back from ``step``, the last step run), or None: one synchronization. A
+        non-finite gradient norm with a finite loss counts: clipping turns it into NaN weights and
+        EMA (0 * inf). With no step since the last reset: what the last read returned."""
         if self._loss_steps == 0:
-            return self._last_read
-        loss = self.mean_loss(reset).item()
-        if not math.isfinite(loss):
-            first = int(self._first_bad.item())
-            check_finite(loss, step - (self._calls - first) if first > 0 else step)
-        self._last_read = loss
+            return self._last_read, self._last_bad
+        mean = self.mean_loss(reset)
+        loss, first, bad_grad, value = torch.stack(
+            [mean.double(), self._first_bad.double(), self._bad_grad.double(), self._bad_value.double()]).tolist()
+        bad = None
+        if first > 0:
+            bad = Divergence(step - (self._calls - int(first)), "gradient norm" if bad_grad else "loss", value)
+        elif not math.isfinite(loss):
+            bad = Divergence(step, "loss", loss)
+        self._last_read, self._last_bad = loss, bad
+        return loss, bad
+
+    def read_loss(self, step: int, reset: bool = True) -> float:
+        """:meth:`read`, raising TrainingDivergedError naming the first bad step (one process; the
+        training loop agrees on divergence across workers before it raises)."""
+        loss, bad = self.read(step, reset)
+        if bad is not None:
+            raise bad.error()
         return loss
 
     def reset(self) -> None:
@@ -240,6 +268,7 @@ class FastStep:
             self._say(f"{self.fallback}; the U-Net runs eagerly")
             self.net, self.compiled = self.model, False
             self.optimizer.zero_grad(set_to_none=True)
+            self._seed_rng()  # the failed attempt may have drawn dropout masks
             out = self._forward_backward(inputs)
         self._net_verified = True
         return out
@@ -255,12 +284,21 @@ class FastStep:
             self.ema.update(self.raw)
         self._loss_sum.add_(loss)
         self._steps_run.add_(1)
-        self._first_bad.copy_(torch.where((self._first_bad < 0) & ~torch.isfinite(loss), self._steps_run, self._first_bad))
+        finite_loss, finite_grad = torch.isfinite(loss), torch.isfinite(grad_norm)
+        first = (self._first_bad < 0) & ~(finite_loss & finite_grad)  # the first bad step: noted once, on the device
+        self._first_bad.copy_(torch.where(first, self._steps_run, self._first_bad))
+        self._bad_grad.copy_(torch.where(first, finite_loss, self._bad_grad))
+        self._bad_value.copy_(torch.where(first, torch.where(finite_loss, grad_norm.float(), loss.float()), self._bad_value))
         return grad_norm.detach()
 
     def _step(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         loss = self._checked_forward_backward(inputs)
         return loss, self._update(loss)
+
+    def _seed_rng(self) -> None:
+        """Seed the global generator (CPU and CUDA: dropout's masks) for the step about to run."""
+        if self._rng_seed is not None:
+            torch.manual_seed(self._rng_seed)
 
     # ------------------------------------------------------------------ whole-step CUDA graph
 
@@ -281,9 +319,11 @@ class FastStep:
             self._graph_key = key
             if not self._capture_graph():  # capture failed: this and later steps run uncaptured
                 self.capture = False
+                self._seed_rng()
                 loss, grad_norm = self._step(self._static)
                 self.optimizer.zero_grad(set_to_none=True)
                 return {"loss": loss, "grad_norm": grad_norm}
+        self._seed_rng()  # after the warm-up and capture, which drew from it too
         if self._graph != "emulated":
             self._graph.replay()
         else:  # on a CPU (tests): what a replay does, eagerly (grads are rewritten, not accumulated)
@@ -367,7 +407,8 @@ class FastStep:
                 "opt_state": opt_state,
                 "ema": [s.clone() for s in self.ema.shadow] if self.ema else [],
                 "loss_sum": self._loss_sum.clone(), "loss_steps": self._loss_steps, "calls": self._calls,
-                "steps_run": self._steps_run.clone(), "first_bad": self._first_bad.clone()}
+                "steps_run": self._steps_run.clone(), "first_bad": self._first_bad.clone(),
+                "bad_grad": self._bad_grad.clone(), "bad_value": self._bad_value.clone()}
 
     @torch.no_grad()
     def restore(self, snap: dict) -> None:
@@ -392,4 +433,6 @@ class FastStep:
         self._loss_sum.copy_(snap["loss_sum"])
         self._steps_run.copy_(snap["steps_run"])
         self._first_bad.copy_(snap["first_bad"])
+        self._bad_grad.copy_(snap["bad_grad"])
+        self._bad_value.copy_(snap["bad_value"])
         self._loss_steps, self._calls = snap["loss_steps"], snap["calls"]

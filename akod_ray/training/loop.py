@@ -10,9 +10,13 @@ Phases of :func:`run_training`:
      a. at a segment start, the source gives the segment's schedule; it may first run
         branch rollouts on the :class:`Trunk` (short trainings from the current weights,
         each scored by the reference protocol, then undone);
-     b. one train step (micro-batches, all-reduce under DDP), EMA update, NaN check;
+     b. one train step (micro-batches, all-reduce under DDP), EMA update; its t, noise and
+        dropout draws depend on (train.seed, rank, step) only (:func:`step_seed`);
      c. at a segment end, the reference loss profile goes back to the source;
-     d. at intervals: metrics record, fid_c10, sample grid, checkpoint (one report each).
+     d. at intervals: metrics record, fid_c10, sample grid, checkpoint (one report each), each
+        at most once per step, after the divergence check (a NaN or inf loss or gradient norm
+        on any worker stops every worker: :meth:`TrainingRun.read_loss`), with the EMA weights
+        in eval mode.
 
 Budget. ``train.max_wall_s`` counts budget seconds on ``train.budget_clock`` (wall-clock, or
 this process's CPU time): everything but evaluation (metrics records, fid_c10, sample grids),
@@ -37,13 +41,13 @@ from akod_ray.data.sources import TrainingData
 from akod_ray.data.stream import BatchStream
 from akod_ray.diffusion.dko import uniform_logsnr_betas
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.samplers import sample
+from akod_ray.evaluation.sampling import sample_as_configured, sampling_record
 from akod_ray.errors import CheckpointError
 from akod_ray.models.unet import UNet
 from akod_ray.reporting.grids import save_grid
 from akod_ray.training.ema import EMA
 from akod_ray.training.fast_step import FastStep, resolve_compile, use_channels_last
-from akod_ray.training.step import ReferenceProtocol, StepOptions, lr_at, make_optimizer, schedule_loss
+from akod_ray.training.step import Divergence, ReferenceProtocol, StepOptions, lr_at, make_optimizer, schedule_loss
 
 
 class WorkerEnv(Protocol):
@@ -74,6 +78,7 @@ class Trunk(Protocol):
     """What a schedule source may do with the trunk (the run's model) between segments."""
 
     def reference(self) -> dict: ...  # {"ref_loss", "loss_profile", "profile_logsnr", "step"} of the trunk now
+    def reward_profile(self) -> dict: ...  # {"profile", "profile_logsnr", "step"}: the reward probe on the trunk now
     def branch(self, process: DiffusionProcess, steps: int, salt: int = 0) -> dict: ...  # train a branch, score it, undo it
 
 
@@ -128,11 +133,12 @@ def offline_fid(cfg: Config, model: torch.nn.Module, process: DiffusionProcess, 
         return {}
     n = cfg.eval.fid_samples // env.world_size
     g = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 7919 + env.rank * 104_729 + step)
-    images = sample(model, process, n, g, cfg.eval.sampler, cfg.eval.ddim_steps, cfg.eval.ddim_eta, env.device,
-                    bf16=cfg.train.bf16)
+    images = sample_as_configured(cfg, model, process, n, g, env.device)
     acts = env.gather(torch.from_numpy(c10_activations(images.float(), device=env.device)).to(env.device)).cpu().numpy()
     value = frechet_distance(statistics(acts, "samples", c10_implementation()), ref)  # same feature space as ref
-    return {"fid_c10": value, "fid_c10_n": int(acts.shape[0])}
+    how = sampling_record(cfg, process.T)
+    return {"fid_c10": value, "fid_c10_n": int(acts.shape[0]), "fid_c10_sampler": how["sampler"],
+            "fid_c10_nfe": how["nfe"], "fid_c10_grid": how["sampling_grid"]}
 
 
 EVALUATION = ("metrics", "fid", "samples")  # timer kinds that never count against a time budget
@@ -212,6 +218,16 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (((seed * 1_000_003 + rank) << 32) + step) % 2**63
 
 
+def global_seed(seed: int) -> int:
+    """The global generator's seed (dropout's masks) for the step whose t and noise seed is ``seed``.
+
+    A bijection of ``seed`` (an odd multiplier is invertible mod 2**63), so the masks too depend on
+    (train.seed, rank, step) only: a resumed run draws what the uninterrupted one drew, replays of a
+    branch draw alike, and workers draw distinct masks, as one process would for the whole batch.
+    """
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+
+
 BRANCH_SALT = 0x5EED_B7A9C4  # branch draws never coincide with the trunk's
 
 
@@ -245,6 +261,11 @@ class TrainingRun:
         self.val_x0 = to_model_range(data.val[env.rank * share:(env.rank + 1) * share]).to(env.device)
         self.ref = ReferenceProtocol(reference_process(cfg), self.val_x0, tc.ref_grid, seed=tc.seed + 1234,
                                      batch=tc.val_batch)
+        # The AKOD reward probe (rl.reward_images x rl.reward_grid, fixed noise): small, scored at every segment end
+        probe_share = max(cfg.rl.reward_images // env.world_size, 1)
+        self.reward_probe = ReferenceProtocol(reference_process(cfg), self.val_x0[:probe_share], cfg.rl.reward_grid,
+                                              seed=tc.seed + 4321, batch=tc.val_batch)
+        self._probe: dict | None = None  # the trunk's reward-probe profile, cached for self.step
         self.gen = torch.Generator(device=env.device)  # re-seeded at every step, see train_one_step
         self.timers = Timers(clock=tc.budget_clock)
         self.step, self.wall_offset, self.budget_offset = 0, 0.0, 0.0
@@ -252,6 +273,7 @@ class TrainingRun:
         self.eval_model = None
         self._reference: dict | None = None  # the trunk's reference profile, cached for self.step
         self._branch_s = 0.0  # wall seconds of branch rollouts since the last segment start
+        self._evaluated: tuple[int, set[str]] = (-1, set())  # (step, what after_step did at that step)
 
     # ------------------------------------------------------------------ 2. resume
 
@@ -269,6 +291,10 @@ class TrainingRun:
             raise CheckpointError(f"checkpoint at step {state.get('step')} does not fit this run: {e}") from None
         self.step, self.wall_offset = int(state["step"]), float(state["wall_s"])
         self.budget_offset = float(state.get("budget_s", self.wall_offset))
+        done = state.get("evaluated")  # what the run that wrote the checkpoint did at its step
+        if not (isinstance(done, list) and all(isinstance(k, str) for k in done)):
+            done = self._due(False)  # a checkpoint from before this field: what was due at its step
+        self._evaluated = (self.step, set(done) | {"checkpoint"})
         if self.env.rank == 0:
             print(f"[akod] resumed from the checkpoint at step {self.step}", flush=True)
 
@@ -286,24 +312,46 @@ class TrainingRun:
             "data": self.stream.state_dict(), "step": self.step, "wall_s": self.wall(), "budget_s": self.budget(),
             "betas": self.process.betas, "config": config_to_dict(self.cfg),
             "schedule_source": self.schedules.state_dict(),
+            "evaluated": sorted(self._evaluated[1]) if self._evaluated[0] == self.step else [],
         }
 
     # ------------------------------------------------------------------ 3b. one optimizer step
 
     def train_one_step(self, process: DiffusionProcess, seed: int) -> None:
-        """One optimizer step and the EMA update. Nothing is read back: the loss is read, and
-        checked for NaN, at log intervals and before checkpoints (:meth:`read_loss`)."""
+        """One optimizer step and the EMA update. Nothing is read back: the loss and the divergence
+        check are read at log intervals, segment ends and before evaluations and checkpoints
+        (:meth:`read_loss`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.tc.lr, self.tc.warmup_steps)
-        # t and noise depend only on (seed, rank, step), so a resumed run draws exactly what
-        # the uninterrupted run would have drawn (the generator is not checkpointed)
+        # t, noise and dropout depend only on (seed, rank, step), so a resumed run draws exactly what
+        # the uninterrupted run would have drawn (no generator is checkpointed): t and noise from
+        # self.gen, dropout from the global generator, which the step seeds itself
         self.gen.manual_seed(seed)
-        self.runner(self.stream.next(self.env.device, self.channels_last), process, self.gen)
+        self.runner(self.stream.next(self.env.device, self.channels_last), process, self.gen, rng_seed=global_seed(seed))
 
     def read_loss(self, reset: bool = True) -> float:
-        """The mean training loss since the last read (one host sync); raises TrainingDivergedError
-        naming the step where it turned NaN or inf."""
-        return self.runner.read_loss(self.step, reset)
+        """The mean training loss since the last read (one host sync), with the divergence check.
+
+        Every worker calls it at the same steps (log intervals, before checkpoints) and they agree:
+        when any worker saw a NaN or inf loss or gradient norm since its last read, every worker
+        raises the same TrainingDivergedError, naming the earliest such step (and its worker), so
+        no worker goes on to a checkpoint or waits in a collective that the others left."""
+        loss, bad = self.runner.read(self.step, reset)
+        if self.env.world_size > 1:
+            bad = self._agree(bad)
+        if bad is not None:
+            raise bad.error()
+        return loss
+
+    def _agree(self, bad: Divergence | None) -> Divergence | None:
+        """Every worker's divergence (one all-gather); the earliest, or None when none diverged."""
+        mine = [-1.0, 0.0, 0.0] if bad is None else [float(bad.step), float(bad.what == "gradient norm"), bad.value]
+        rows = self.env.gather(torch.tensor([mine], dtype=torch.float64, device=self.env.device)).tolist()
+        seen = [(int(step), rank, grad, value) for rank, (step, grad, value) in enumerate(rows) if step >= 0]
+        if not seen:
+            return None
+        step, rank, grad, value = min(seen)
+        return Divergence(step, "gradient norm" if grad else "loss", value, worker=rank)
 
     # ------------------------------------------------------------------ the Trunk protocol
 
@@ -323,13 +371,25 @@ class TrainingRun:
                                "profile_logsnr": self.ref.grid_logsnr, "step": self.step}
         return dict(self._reference)
 
+    def _probe_profile(self) -> list[float]:
+        """The reward probe's profile of the model now, all-reduced over the workers."""
+        return [self.env.all_reduce_mean(v) for v in self.reward_probe.profile(self.model, self.tc.bf16)]
+
+    def reward_profile(self) -> dict:
+        """The trunk's reward-probe profile at the current step (computed once per step, then cached):
+        {"profile", "profile_logsnr", "step"}."""
+        if self._probe is None or self._probe["step"] != self.step:
+            self._probe = {"profile": self._probe_profile(), "profile_logsnr": self.reward_probe.grid_logsnr,
+                           "step": self.step}
+        return dict(self._probe)
+
     def branch(self, process: DiffusionProcess, steps: int, salt: int = 0) -> dict:
         """Train ``steps`` steps with ``process`` from the current weights, score, and undo.
 
         Every branch from the same trunk step (and ``salt``) sees the same t and noise draws
         (common random numbers), and the same batches, so branches differ by their schedule
         only. The EMA is untouched.
-        Returns the branch's reference loss (``ref_loss``) and the paper loss if asked for.
+        Returns the branch's reward-probe profile (``after_profile``) and the paper loss if asked for.
         """
         t = time.perf_counter()
         snapshot = self.runner.snapshot()  # weights, optimizer, EMA, loss sum: restored in place (no recapture)
@@ -339,8 +399,7 @@ class TrainingRun:
             for j in range(steps):
                 seed = step_seed(self.tc.seed, self.env.rank, step) + BRANCH_SALT * (salt + 1) + j
                 self.train_one_step(process, seed % 2**63)
-            profile = self._profile()
-            out = {"ref_loss": sum(profile) / len(profile)}
+            out = {"after_profile": self._probe_profile()}
             if self.cfg.rl.reward == "paper":
                 out["paper_loss"] = self._paper_loss(process)
         finally:
@@ -352,8 +411,9 @@ class TrainingRun:
     # ------------------------------------------------------------------ 3d. evaluation
 
     def _eval_model(self):
+        """The EMA weights in a U-Net in eval mode (no dropout), as `akod sample` and `akod fid` load them."""
         if self.eval_model is None:
-            self.eval_model = UNet(self.cfg.model).to(self.env.device)
+            self.eval_model = UNet(self.cfg.model).to(self.env.device).eval()
         self.ema.copy_to(self.eval_model)
         return self.eval_model
 
@@ -370,8 +430,7 @@ class TrainingRun:
     def sample_grid(self) -> None:
         g = torch.Generator(device=self.env.device).manual_seed(self.tc.seed)
         n = self.cfg.eval.grid_size**2
-        images = sample(self._eval_model(), self.process, n, g, self.cfg.eval.sampler, self.cfg.eval.ddim_steps,
-                        self.cfg.eval.ddim_eta, self.env.device, bf16=self.tc.bf16)
+        images = sample_as_configured(self.cfg, self._eval_model(), self.process, n, g, self.env.device)
         save_grid(images, self.run_dir / "samples" / f"grid_{self.step:08d}.png", self.cfg.eval.grid_size)
 
     # ------------------------------------------------------------------ 3. the loop
@@ -382,10 +441,29 @@ class TrainingRun:
             return False
         return self.env.all_reduce_mean(float(self.budget() >= self.tc.max_wall_s)) > 0
 
+    def _due(self, last: bool) -> set[str]:
+        """What falls on this step: "metrics", "fid", "samples", "checkpoint" (all of them at the end)."""
+        every = {"metrics": self.tc.log_every, "fid": self.cfg.eval.fid_every, "samples": self.tc.sample_every,
+                 "checkpoint": self.tc.ckpt_every}  # 0: only at the end (eval.fid_every)
+        return {kind for kind, n in every.items() if last or (n > 0 and self.step % n == 0)}
+
     def after_step(self, last: bool) -> None:
-        """3d. The metrics record, fid_c10, sample grid and checkpoint that fall on this step."""
+        """3d. The metrics record, fid_c10, sample grid and checkpoint that fall on this step, each at
+        most once: ``last`` may come for a step that was already evaluated (the budget ran out at the
+        next segment start), and then adds only what the end of a run adds.
+
+        The divergence check (:meth:`read_loss`) comes first, so a diverged model is neither evaluated
+        nor checkpointed; the workers decide alike what is due, so they meet in the same collectives."""
         cfg, tc, env, timers = self.cfg, self.tc, self.env, self.timers
-        if self.step % tc.log_every == 0 or last:
+        if self._evaluated[0] != self.step:
+            self._evaluated = (self.step, set())
+        done = self._evaluated[1]
+        due = self._due(last) - done
+        done |= due
+        if due and "metrics" not in due:
+            with timers.measure("metrics"):
+                self.read_loss(reset=False)  # a diverged run never overwrites its last good checkpoint
+        if "metrics" in due:
             with timers.measure("metrics"):
                 self.record = self.metrics_record(self.read_loss(), self.rate)
                 self.rate = (time.perf_counter(), self.step)
@@ -394,7 +472,7 @@ class TrainingRun:
                     r = self.record
                     print(f"[akod] step {self.step}/{tc.steps} loss {r['loss']:.4f} ref_loss {r['ref_loss']:.4f} "
                           f"{r['img_per_s']:.1f} img/s lr {r['lr']:.2e} wall {r['wall_s']:.1f}s", flush=True)
-        if last or (cfg.eval.fid_every > 0 and self.step % cfg.eval.fid_every == 0):
+        if "fid" in due:
             with timers.measure("fid"):
                 fid = offline_fid(cfg, self._eval_model(), self.process, env, self.step)
                 if fid and self.log is not None:
@@ -402,12 +480,11 @@ class TrainingRun:
                     self.log.write({"step": self.step, "wall_s": self.record.get("wall_s", self.wall()),
                                     "budget_s": self.record.get("budget_s", self.budget()), **fid})
                     print(f"[akod] step {self.step} fid_c10 {fid['fid_c10']:.3f} (N={fid['fid_c10_n']})", flush=True)
-        if env.rank == 0 and (self.step % tc.sample_every == 0 or last):
+        if env.rank == 0 and "samples" in due:
             with timers.measure("samples"):
                 self.sample_grid()
-        if self.step % tc.ckpt_every == 0 or last:
+        if "checkpoint" in due:
             with timers.measure("checkpoint"):
-                self.read_loss(reset=False)  # a diverged run never overwrites its last good checkpoint
                 env.report(self.record or {"step": self.step}, self.checkpoint_state() if env.rank == 0 else None,
                            self.step)
 
@@ -439,7 +516,8 @@ class TrainingRun:
 
                 if seg_left == 0 and segment.request_id is not None:  # c. the segment's result
                     with timers.measure("reward"):
-                        result = dict(self.reference(), wall_s=self.wall())
+                        self.read_loss(reset=False)  # a diverged trunk posts no reward: every worker stops here
+                        result = dict(self.reward_profile(), wall_s=self.wall())
                         if cfg.rl.reward == "paper":
                             result["paper_loss"] = self._paper_loss(self.process)
                         self.schedules.finish_segment(segment, result)

@@ -49,13 +49,18 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     opts: StepOptions,
     generator: torch.Generator | None = None,
+    rng_seed: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step over one or more micro-batches of x_0 in [-1, 1].
 
-    Returns detached tensors (no host sync here): ``loss`` (mean over micro-batches) and
-    ``grad_norm``. Under DDP, gradients are all-reduced only on the last micro-batch.
+    t and noise come from ``generator``; dropout draws from the global generator, seeded with
+    ``rng_seed`` first when it is given. Returns detached tensors (no host sync here): ``loss``
+    (mean over micro-batches) and ``grad_norm``. Under DDP, gradients are all-reduced only on the
+    last micro-batch.
     """
     model.train()
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
     n = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0].device)
     for i, x0 in enumerate(micro_batches):
@@ -79,7 +84,21 @@ def train_step(
 def check_finite(loss: float, step: int) -> None:
     """Stop on a NaN or inf loss with an error naming the step."""
     if not math.isfinite(loss):
-        raise TrainingDivergedError(f"training diverged: loss is {loss} at step {step}")
+        raise Divergence(step, "loss", loss).error()
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first step whose loss or gradient norm was NaN or inf (``what``: "loss" or "gradient norm")."""
+
+    step: int
+    what: str
+    value: float
+    worker: int | None = None  # the worker that saw it first, when there are several
+
+    def error(self) -> TrainingDivergedError:
+        where = f" on worker {self.worker}" if self.worker is not None else ""
+        return TrainingDivergedError(f"training diverged: {self.what} is {self.value} at step {self.step}{where}")
 
 
 class ReferenceProtocol:
@@ -95,7 +114,7 @@ class ReferenceProtocol:
                  batch: int | None = None):
         self.process = process
         self.x0 = x0
-        self.batch = batch or x0.shape[0]  # images per forward pass (train.val_batch); the value is the same up to float rounding
+        self.batch = batch or x0.shape[0]  # (grid point, image) pairs per forward pass (train.val_batch); the value is the same up to float rounding
         self.t_grid = torch.linspace(0, process.T - 1, grid).round().long()
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn((grid, *x0.shape), generator=g).to(x0.device, x0.dtype)
@@ -110,17 +129,20 @@ class ReferenceProtocol:
     def profile(self, model: nn.Module, bf16: bool = False) -> list[float]:
         """The loss profile: epsilon-MSE at each grid point (mean over this batch of images).
 
-        Sums stay on the device (in float64, as a Python float would hold them) and come to the
-        host once, at the end: one synchronization, not one per forward pass."""
+        The (grid point, image) pairs go through the network ``batch`` at a time, whatever the
+        grid, so a small probe (few images, many levels) still runs in full batches. Sums stay on
+        the device (in float64, as a Python float would hold them) and come to the host once, at
+        the end: one synchronization, not one per forward pass."""
         model.eval()
-        n = self.x0.shape[0]
-        totals = torch.zeros(len(self.t_grid), dtype=torch.float64, device=self.x0.device)
-        for j, t in enumerate(self.t_grid.tolist()):
-            for i in range(0, n, self.batch):
-                x0, noise = self.x0[i:i + self.batch], self.noise[j, i:i + self.batch]
-                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-                with autocast(x0.device, bf16):
-                    totals[j] += DiffusionProcess.table_loss(model, self.tables, x0, tt, noise).sum().double()
+        device, n, grid = self.x0.device, self.x0.shape[0], len(self.t_grid)
+        t_grid = self.t_grid.to(device)
+        totals = torch.zeros(grid, dtype=torch.float64, device=device)
+        for start in range(0, grid * n, self.batch):
+            pair = torch.arange(start, min(start + self.batch, grid * n), device=device)  # grid-major
+            j, i = pair // n, pair % n
+            with autocast(device, bf16):
+                loss = DiffusionProcess.table_loss(model, self.tables, self.x0[i], t_grid[j], self.noise[j, i])
+            totals.index_add_(0, j, loss.double())
         return [total / n for total in totals.tolist()]
 
     def loss(self, model: nn.Module, bf16: bool = False) -> float:

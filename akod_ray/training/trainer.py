@@ -18,7 +18,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from akod_ray.config import Config, config_to_dict, save_config
 from akod_ray.data.parquet import check_schema, resolve_data_dir
-from akod_ray.errors import AkodError, ConfigError, DataError
+from akod_ray.diffusion.schedules import save_schedule
+from akod_ray.errors import AkodError, CheckpointError, ConfigError, DataError
 from akod_ray.training.schedule_source import fixed_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +99,65 @@ def check_parquet_files(folder: Path) -> None:
         check_schema(path, schema)
 
 
+TRAIN_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints, in the run folder
+
+
+def _train_index_problem(path: Path) -> str | None:
+    """What Ray Train would fail on when it reads ``path`` at a resume, or None."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except (UnicodeDecodeError, RecursionError):
+        return "is not valid JSON"
+    except json.JSONDecodeError as e:
+        return f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if not isinstance(state, dict):
+        return f"holds a JSON {type(state).__name__}, not an object"
+    if state.get("ray_version") != ray.__version__:
+        return f"was written by Ray {state.get('ray_version')!r:.40}, this is Ray {ray.__version__} (Ray Train reads only its own)"
+    try:  # Ray Train's own schema of the file, where this Ray version has it where we look
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+    except ImportError:
+        _CheckpointManagerState = None
+    if _CheckpointManagerState is not None:
+        try:
+            validate = getattr(_CheckpointManagerState, "model_validate", None) or _CheckpointManagerState.parse_obj
+            validate(state)
+        except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, of either pydantic version
+            return f"does not hold what Ray Train writes ({' '.join(str(e).split())[:200]})"
+    results = state.get("checkpoint_results")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        return "has no list of checkpoint_results"
+    names = [r.get("checkpoint_dir_name") for r in results]
+    if len(state.get("checkpoint_report_indices") or []) != len(names):
+        return "lists checkpoint_report_indices that do not match its checkpoint_results"
+    latest = state.get("latest_checkpoint_result")
+    if latest is not None and (not isinstance(latest, dict) or latest.get("checkpoint_dir_name") not in names):
+        return "names a latest checkpoint that is not among its checkpoint_results"
+    pending = state.get("pending_training_results") or []
+    if len(pending) != len(state.get("pending_validation_specs") or []) or any(
+            not isinstance(p, dict) or p.get("checkpoint_dir_name") not in names for p in pending):
+        return "lists pending results that do not match its checkpoint_results"
+    for name in names:
+        if not isinstance(name, str) or not (path.parent / name).is_dir():
+            return f"lists a checkpoint {str(name)!r:.60} that is not a folder beside it"
+    return None
+
+
+def check_train_index(run_dir: Path) -> None:
+    """Ray Train reads its index of a run's checkpoints (:data:`TRAIN_INDEX`) when the run resumes; a file it
+    cannot use fails inside its controller, as an ActorDiedError that names neither the file nor a way out.
+    Check it first, naming it."""
+    path = Path(run_dir) / TRAIN_INDEX
+    if not path.exists():
+        return
+    why = _train_index_problem(path)
+    if why is not None:
+        raise CheckpointError(f"Ray Train's checkpoint index {str(path)!r} {why}; restore it, or delete it to train "
+                              "the run again from step 0 (its checkpoint folders are then replaced)")
+
+
 def unwrap_worker_error(err: BaseException) -> BaseException:
     """The user-facing error behind a Train failure (e.g. a NaN loss on a worker), if there is one."""
     failures = getattr(err, "worker_failures", None) or {}
@@ -175,10 +235,12 @@ def fit(trainer: TorchTrainer):
 
 def train_fixed(cfg: Config, data_dir_flag: str | None = None, callbacks: list | None = None) -> dict:
     """Train an arm with a fixed schedule (linear, cosine, loglinear, a file); returns the last metrics record."""
-    fixed_betas(cfg)  # fail before starting anything if the schedule file is bad
+    betas = fixed_betas(cfg)  # fail before starting anything if the schedule file is bad
     data_dir = data_dir_for(cfg, data_dir_flag)
     run_dir = cfg.run_dir
     save_config(cfg, run_dir)
+    # the schedule as every run exports it: schedule.json and, beside it, diffusers' scheduler_config.json
+    save_schedule(run_dir / "schedule.json", betas, source=cfg.diffusion.schedule, final=True)
     ensure_ray(cfg)
     fit(build_trainer(cfg, loop_config_for(cfg, data_dir, run_dir), callbacks))
     return last_record(read_metrics(run_dir))
