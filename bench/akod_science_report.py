@@ -1,7 +1,9 @@
-"""The report of bench/akod_science.py: tables, plots and the bench/results.json keys.
+"""The report of bench/akod_science.py (version 2): tables, plots and the bench/results.json keys.
 
-Every interval is a 95% t-interval over seeds (n - 1 degrees of freedom); ratios between arms
-are paired by seed (the same data order, held-out batch and initial weights).
+Every interval is a 95% t-interval over seeds (n - 1 degrees of freedom), the seeds being the
+independent units; ratios between arms are paired by seed (the same data order, held-out batch
+and initial weights). The referee is fid_c10 on the common sampling grid; each arm's own schedule
+as its grid is reported beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from scipy import stats
 from akod_ray.evaluation.metrics import last_value, series
 from common import loadavg, merge_results, meta_record
 
+FIXED = ("baseline", "cosine", "min_snr", "loglinear", "edm", "laplace")
+EVALUATION = ("fid", "samples", "metrics")
+LEARNING = ("reward", "schedule_wait", "branches")  # what learning the schedule costs inside the budget
+
 
 def ci95(xs: list[float]) -> tuple[float, float, float]:
     """(mean, low, high) of a 95% t-interval; the interval is nan with fewer than 2 values."""
@@ -29,6 +35,16 @@ def ci95(xs: list[float]) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+def detectable(xs: list[float], power: float = 0.8) -> float:
+    """The smallest true mean a two-sided 5% one-sample t-test over these units detects with ``power``
+    (their standard deviation taken as the truth): (t_0.975 + t_power) sd / sqrt(n)."""
+    a = np.asarray(xs, dtype=np.float64)
+    if a.size < 2:
+        return math.nan
+    df = a.size - 1
+    return float((stats.t.ppf(0.975, df) + stats.t.ppf(power, df)) * a.std(ddof=1) / math.sqrt(a.size))
+
+
 def fmt(t: tuple[float, float, float], digits: int = 3) -> str:
     m, lo, hi = t
     if not math.isfinite(m):
@@ -38,13 +54,20 @@ def fmt(t: tuple[float, float, float], digits: int = 3) -> str:
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def curve(result: dict, key: str) -> list[tuple[float, float]]:
-    """(budget seconds, value) of every record of the run that has ``key``."""
-    return list(zip(*series(result["records"], key, x="budget_s")))
+def curve(result: dict, key: str, x: str = "budget_s") -> list[tuple[float, float]]:
+    """(budget seconds or steps, value) of every record of the run that has ``key``."""
+    return list(zip(*series(result["records"], key, x=x)))
 
 
-def time_to(points: list[tuple[float, float]], target: float) -> float | None:
-    """The first budget second at which the curve reaches ``target`` (linear between evaluations), or None."""
+def mean_curve(runs: list[dict], key: str = "fid_c10", x: str = "budget_s", points: int = 60):
+    """The seeds' curves interpolated onto one grid up to the shortest run: (grid, [runs, grid])."""
+    end = min(max(p[0] for p in curve(r, key, x)) for r in runs)
+    grid = np.linspace(0, end, points)
+    return grid, np.array([np.interp(grid, *zip(*curve(r, key, x))) for r in runs])
+
+
+def time_to(points, target: float) -> float | None:
+    """The first x at which the curve reaches ``target`` (linear between evaluations), or None."""
     prev = None
     for t, v in points:
         if v <= target:
@@ -61,33 +84,16 @@ def final_of(result: dict, key: str) -> float:
     return last[0] if last is not None else math.nan
 
 
-EVALUATION = ("fid", "samples", "metrics")
+def learning_share(last: dict) -> float:
+    """The share of the budgeted wall seconds (all but evaluation) spent learning the schedule: the reward
+    probe, the schedule waits (observations, PPO updates, the broker) and branch rollouts."""
+    other = {k[6:-2]: v for k, v in last.items() if k.startswith("other_") and k.endswith("_s")}
+    budgeted = last["train_s"] + sum(v for k, v in other.items() if k not in EVALUATION)
+    return sum(other.get(k, 0.0) for k in LEARNING) / budgeted
 
 
-def non_train_share(last: dict) -> float:
-    """The share of the budgeted wall seconds (all but evaluation) not spent in trunk train steps."""
-    other = sum(v for k, v in last.items() if k.startswith("other_") and k[6:-2] not in EVALUATION)
-    return other / (last["train_s"] + other)
-
-
-def reward_variance_shares(posted: list[dict]) -> dict:
-    """Share of each reward candidate's variance that lies within branch rounds (same trunk weights, common
-    random numbers: differences there are the actions' doing), against between rounds (training drift)."""
-    branches = [p for p in posted if p.get("kind") == "branch"]
-    rounds: dict[int, list[dict]] = {}
-    for p in branches:
-        rounds.setdefault(int(p["step"]), []).append(p)
-    out = {}
-    for name, fn in (("improvement", lambda p: (p["before_loss"] - p["score_loss"]) / p["before_loss"]),
-                     ("reference", lambda p: -p["score_loss"])):
-        values = [fn(p) for p in branches]
-        if len(values) < 2:
-            continue
-        grand = float(np.mean(values))
-        total = sum((v - grand) ** 2 for v in values)
-        within = sum(sum((fn(p) - np.mean([fn(q) for q in g])) ** 2 for p in g) for g in rounds.values())
-        out[name] = within / total if total > 0 else math.nan
-    return out
+def value_at_step(result: dict, step: float, key: str = "fid_c10") -> float:
+    return float(np.interp(step, *zip(*curve(result, key, "step"))))
 
 
 def load(out: Path, arms: list[str]) -> dict[str, list[dict]]:
@@ -101,173 +107,198 @@ def load(out: Path, arms: list[str]) -> dict[str, list[dict]]:
     return by_arm
 
 
-def plots(out: Path, by_arm: dict[str, list[dict]]) -> list[str]:
+def paired_ratio(a: list[dict], b: list[dict], key: str = "fid_c10_final") -> tuple[float, float, float]:
+    ad, bd = {r["seed"]: r for r in a}, {r["seed"]: r for r in b}
+    return ci95([ad[s][key] / bd[s][key] for s in sorted(set(ad) & set(bd))])
+
+
+# ----------------------------------------------------------------- plots
+
+
+def _density(logsnr: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """The training distribution of log-SNR a schedule induces under uniform t, as a density."""
+    h, _ = np.histogram(logsnr, bins=bins, density=True)
+    return h
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str:
+    """Label, lay out, write and close one figure; its file name for the report."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
-    from akod_ray.diffusion.dko import uniform_logsnr_betas
-    from akod_ray.diffusion.process import DiffusionProcess
-    from akod_ray.diffusion.schedules import cosine_betas, linear_betas
+    from akod_ray.diffusion.schedules import anchor_logsnr
 
     files = []
-    for key, label in (("fid_c10", "fid_c10 (N = 1,000, EMA, DDIM 20)"), ("ref_loss", "reference loss (biased referee)")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for arm, runs in by_arm.items():
-            if not runs:
-                continue
-            grid = np.linspace(0, min(max(p[0] for p in curve(r, key)) for r in runs), 50)
-            ys = np.array([np.interp(grid, *zip(*curve(r, key))) for r in runs])
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for arm, runs in by_arm.items():
+        if runs:
+            grid, ys = mean_curve(runs)
             line, = ax.plot(grid, ys.mean(0), label=f"{arm} (n={len(runs)})")
-            ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("budget seconds (CPU time of the run, 1 thread)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{key} during training: mean over seeds, band = min..max")
-        if key == "fid_c10":
-            ax.set_ylim(top=60)
-        ax.legend()
-        fig.tight_layout()
-        name = f"curve_{key}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+            ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.12)
+    ax.set_ylim(top=80)
+    files.append(_save(fig, ax, out / "curve_fid_c10.png", "budget seconds (CPU time of the run, 1 thread)",
+                       "fid_c10 (N = 500, DDIM-20, common grid)", "fid_c10 during training: mean over seeds, band = min..max"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    T = 1000
-    t = np.arange(0, T, 10)
-    for name, betas, style in (("linear", linear_betas(T), "--"), ("cosine", cosine_betas(T), ":"),
-                               ("loglinear (DKO start)", uniform_logsnr_betas(T, 9.21, -10.13), "-.")):
-        ax.plot(t, DiffusionProcess(betas).log_snr[::10].numpy(), style, color="gray", label=name)
-    for r in by_arm.get("akod", []) + by_arm.get("dko_only", []):
-        if "final_logsnr" in r:
-            ax.plot(t, torch.tensor(r["final_logsnr"]).numpy(), label=f"learned: {r['arm']} seed {r['seed']}")
-    ax.set_xlabel("t")
-    ax.set_ylabel("log-SNR")
-    ax.set_title("learned schedules (final DKO at its latest observation) beside fixed ones")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "schedules.png", dpi=110)
-    plt.close(fig)
-    files.append("schedules.png")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    bins = np.linspace(-10.13, 9.21, 40)
+    mid = (bins[1:] + bins[:-1]) / 2
+    for name, style in (("loglinear", ":"), ("edm", "--"), ("laplace", "-.")):
+        lam = anchor_logsnr(name, 1000, 9.21, -10.13, laplace_scale).numpy()
+        ax.plot(mid, _density(lam, bins), style, color="gray", label=f"{name}" + (f" ({laplace_scale:g})" if name == "laplace" else ""))
+    for arm in ("dko_only", "akod", "dko_scratch"):
+        for r in by_arm.get(arm, []):
+            if "final_logsnr" in r:
+                ax.plot(mid, _density(np.asarray(r["final_logsnr"]), bins), alpha=0.8, label=f"learned: {arm} s{r['seed']}")
+    files.append(_save(fig, ax, out / "schedules.png", "log-SNR", "density of the training noise levels (uniform t)",
+                       "learned training distributions (final DKO) beside the anchors"))
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for arm in ("dko_only", "akod", "dko_scratch"):
+        runs = [r for r in by_arm.get(arm, []) if r.get("iterations")]
+        if not runs:
+            continue
+        n = min(len(r["iterations"]) for r in runs)
+        ys = np.array([[i["episode_return_mean"] for i in r["iterations"][:n]] for r in runs], dtype=np.float64)
+        it = np.arange(1, n + 1)
+        line, = ax.plot(it, ys.mean(0), label=f"{arm} (n={len(runs)})")
+        ax.fill_between(it, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    files.append(_save(fig, ax, out / "ppo_return.png", "PPO iteration", "mean episode return (reward x rl.reward_scale)",
+                       "PPO's return per iteration, band = min..max over seeds"))
     return files
 
 
-def _reached(times: list) -> str:
-    hit = [x for x in times if x is not None]
-    return f"{len(hit)}/{len(times)}: {fmt(ci95(hit), 0) if hit else 'never'}"
+# ----------------------------------------------------------------- the report
 
 
 def write_report(out: Path, arms: list[str], write_results: bool = True) -> None:
-    by_arm = load(out, arms)
-    cos = by_arm.get("cosine", [])
-    target_fid = float(np.mean([final_of(r, "fid_c10") for r in cos])) if cos else math.nan
-    target_ref = float(np.mean([final_of(r, "ref_loss") for r in cos])) if cos else math.nan
-    fixed_finals = {a: float(np.mean([final_of(r, "fid_c10") for r in runs])) for a, runs in by_arm.items()
-                    if runs and a in ("baseline", "cosine", "min_snr", "loglinear")}
-    best_fixed = min(fixed_finals, key=fixed_finals.get) if fixed_finals else None
-    target_best = fixed_finals.get(best_fixed, math.nan)
+    by_arm = {a: rs for a, rs in load(out, arms).items() if rs}
+    fixed_final = {a: float(np.mean([r["fid_c10_final"] for r in rs])) for a, rs in by_arm.items() if a in FIXED}
+    best_fixed = min(fixed_final, key=fixed_final.get) if fixed_final else None
+    choices = next(iter(by_arm.values()))[0].get("choices", {}) if by_arm else {}
+    figures: dict = {"akod_science_best_fixed_arm": best_fixed}
     rows, per_arm = [], {}
+    # time to target on the in-run curves (N = 500 for every point): the best fixed arm's final in-run value
+    target = float(np.mean([final_of(r, "fid_c10") for r in by_arm[best_fixed]])) if best_fixed else math.nan
+    akod_steps = min((r["steps"] for r in by_arm.get("akod", [])), default=None)
     for arm, runs in by_arm.items():
-        if not runs:
-            continue
-        ttf = [time_to(curve(r, "fid_c10"), target_fid) for r in runs]
-        ttr = [time_to(curve(r, "ref_loss"), target_ref) for r in runs]
+        grid, ys = mean_curve(runs)
         s = {
             "n": len(runs), "seeds": [r["seed"] for r in runs],
-            "images": ci95([r["images"] for r in runs]),
-            "budget_s": ci95([r["last"].get("budget_s", math.nan) for r in runs]),
-            "ref_loss": ci95([final_of(r, "ref_loss") for r in runs]),
+            "steps": ci95([r["steps"] for r in runs]), "images": ci95([r["images"] for r in runs]),
             "fid_c10_final": ci95([r["fid_c10_final"] for r in runs]),
-            "fid_c10_1000": ci95([final_of(r, "fid_c10") for r in runs]),
-            "time_to_fid": ttf, "time_to_ref": ttr,
-            "non_train_share": ci95([non_train_share(r["last"]) for r in runs]),
-            "time_to_best_fixed": [time_to(curve(r, "fid_c10"), target_best) for r in runs],
+            "fid_c10_final_own_grid": ci95([r["fid_c10_final_own_grid"] for r in runs]),
+            "fid_c10_in_run_final": ci95([final_of(r, "fid_c10") for r in runs]),
+            "time_to_target_s": time_to(zip(grid, ys.mean(0)), target),
+            "learning_share": ci95([learning_share(r["last"]) for r in runs]) if arm in ("dko_only", "akod", "dko_scratch") else None,
+            "samples_per_run": ci95([r["samples_per_run"] for r in runs]) if "samples_per_run" in runs[0] else None,
+            "fid_c10_at_akod_steps": ci95([value_at_step(r, akod_steps) for r in runs]) if akod_steps else None,
         }
         per_arm[arm] = s
-        reached = [x for x in ttf if x is not None]
-        rows.append(f"| {arm} | {s['n']} | {fmt(s['images'], 0)} | {fmt(s['fid_c10_final'], 2)} | "
-                    f"{fmt(s['fid_c10_1000'], 2)} | {fmt(s['ref_loss'], 4)} | "
-                    f"{len(reached)}/{len(ttf)}: {fmt(ci95(reached), 0) if reached else 'never'} | "
-                    f"{_reached(s['time_to_best_fixed'])} | "
-                    f"{sum(x is not None for x in ttr)}/{len(ttr)} | {fmt(s['non_train_share'], 3)} |")
+        ttt = s["time_to_target_s"]
+        rows.append(f"| {arm} | {s['n']} | {fmt(s['steps'], 0)} | {fmt(s['fid_c10_final'], 2)} | "
+                    f"{fmt(s['fid_c10_final_own_grid'], 2)} | {fmt(s['fid_c10_in_run_final'], 2)} | "
+                    f"{fmt(s['fid_c10_at_akod_steps'], 2) if s['fid_c10_at_akod_steps'] else '—'} | "
+                    f"{f'{ttt:.0f}' if ttt is not None else 'not reached'} | "
+                    f"{fmt(s['samples_per_run'], 0) if s['samples_per_run'] else '—'} | "
+                    f"{fmt(s['learning_share'], 3) if s['learning_share'] else '—'} |")
 
-    figures, notes = {}, []
-    akod = {r["seed"]: r for r in by_arm.get("akod", [])}
-    cosd = {r["seed"]: r for r in cos}
-    paired = sorted(set(akod) & set(cosd))
-    if paired:
-        ratios = [akod[s]["fid_c10_final"] / cosd[s]["fid_c10_final"] for s in paired]
-        m, lo, hi = ci95(ratios)
-        figures["akod_vs_cosine_fid_c10_ratio"] = m
-        figures["akod_vs_cosine_fid_c10_ratio_ci95"] = [lo, hi]
-        t_a = [time_to(curve(akod[s], "fid_c10"), target_fid) for s in paired]
-        t_c = [time_to(curve(cosd[s], "fid_c10"), target_fid) for s in paired]
-        if all(x is not None for x in t_a + t_c):
-            figures["akod_vs_cosine_time_to_target_ratio"] = float(np.mean(t_a) / np.mean(t_c))
-        else:
-            figures["akod_vs_cosine_time_to_target_ratio"] = None
-            notes.append(f"AKOD reached cosine's final fid_c10 ({target_fid:.2f}) in {sum(x is not None for x in t_a)} of "
-                         f"{len(t_a)} seeds within the budget: the time-to-target ratio is undefined (reported as null).")
-    for other in ("loglinear", "baseline", "min_snr"):  # AKOD against its own starting point and the other fixed arms
-        od = {r["seed"]: r for r in by_arm.get(other, [])}
-        common = sorted(set(akod) & set(od))
-        if common:
-            m, lo, hi = ci95([akod[s]["fid_c10_final"] / od[s]["fid_c10_final"] for s in common])
-            figures[f"akod_vs_{other}_fid_c10_ratio"] = m
-            figures[f"akod_vs_{other}_fid_c10_ratio_ci95"] = [lo, hi]
-    gains = {r["seed"]: [p["final"] - p["initial"] for p in r["gain_pairs"]] for r in by_arm.get("akod", []) if "gain_pairs" in r}
-    if gains:
-        per_seed = [float(np.mean(g)) for g in gains.values()]
-        m, lo, hi = ci95(per_seed)
-        figures["akod_policy_gain"] = m
-        figures["akod_policy_gain_ci95"] = [lo, hi]
-        all_pairs = [x for g in gains.values() for x in g]
-        figures["akod_policy_gain_all_pairs"] = list(ci95(all_pairs))
-    shares = [reward_variance_shares(r.get("posted", [])) for r in by_arm.get("akod", [])]
-    if shares:
-        for name in ("improvement", "reference"):
-            figures[f"akod_reward_within_round_share_{name}"] = ci95([s.get(name, math.nan) for s in shares])[0]
+    akod = by_arm.get("akod", [])
+    if akod and best_fixed:
+        m, lo, hi = paired_ratio(akod, by_arm[best_fixed])
+        figures["akod_vs_best_fixed_fid_c10_ratio"], figures["akod_vs_best_fixed_fid_c10_ratio_ci95"] = m, [lo, hi]
+        t_a, t_b = per_arm["akod"]["time_to_target_s"], per_arm[best_fixed]["time_to_target_s"]
+        figures["akod_vs_best_fixed_time_to_target_ratio"] = t_a / t_b if t_a is not None and t_b else None
+    for other in ("cosine", "loglinear", "baseline", "edm", "laplace"):
+        if akod and other in by_arm:
+            m, lo, hi = paired_ratio(akod, by_arm[other])
+            figures[f"akod_vs_{other}_fid_c10_ratio"], figures[f"akod_vs_{other}_fid_c10_ratio_ci95"] = m, [lo, hi]
+    if akod and "cosine" in by_arm:
+        t_a, t_c = per_arm["akod"]["time_to_target_s"], per_arm["cosine"]["time_to_target_s"]
+        cos_target = float(np.mean([final_of(r, "fid_c10") for r in by_arm["cosine"]]))
+        ga, ya = mean_curve(akod)
+        gc, yc = mean_curve(by_arm["cosine"])
+        ta, tc = time_to(zip(ga, ya.mean(0)), cos_target), time_to(zip(gc, yc.mean(0)), cos_target)
+        figures["akod_vs_cosine_time_to_target_ratio"] = ta / tc if ta is not None and tc else None
+    for a, b in (("laplace", "loglinear"), ("edm", "loglinear"), ("dko_only", best_fixed), ("akod", "dko_only")):
+        if a in by_arm and b in by_arm:
+            m, lo, hi = paired_ratio(by_arm[a], by_arm[b])
+            figures[f"{a}_vs_{b if b != best_fixed else 'best_fixed'}_fid_c10_ratio"] = m
+            figures[f"{a}_vs_{b if b != best_fixed else 'best_fixed'}_fid_c10_ratio_ci95"] = [lo, hi]
+    if akod:
+        figures["akod_policy_samples_per_run"] = per_arm["akod"]["samples_per_run"][0]
+        figures["akod_learning_overhead_share"] = per_arm["akod"]["learning_share"][0]
+    gains = {}
+    for arm in ("akod", "dko_only", "dko_scratch"):
+        per_seed = [float(np.mean([p["final"] - p["initial"] for p in r["gain_pairs"]])) for r in by_arm.get(arm, [])
+                    if "gain_pairs" in r]
+        if per_seed:
+            gains[arm] = per_seed
+            m, lo, hi = ci95(per_seed)
+            prefix = "akod_policy_gain" if arm == "akod" else f"{arm}_policy_gain"
+            figures[prefix], figures[f"{prefix}_ci95"] = m, [lo, hi]
+            figures[f"{prefix}_detectable_80pct"] = detectable(per_seed)
+    # the reward against the referee: the pilot's measurement (bench/reward_referee.py)
+    pilot = out.parent / "reward_referee" / "summary.json"
+    referee = json.loads(pilot.read_text()) if pilot.exists() else None
+    metric = choices.get("reward_metric")
+    if referee and metric in referee["spearman"]:
+        figures["reward_vs_fid_c10_spearman"] = referee["spearman"][metric]["all"]
+        figures["reward_vs_fid_c10_spearman_within_budget"] = referee["spearman"][metric]["within_budget_mean"]
 
-    files = plots(out, by_arm)
+    files = plots(out, by_arm, float(choices.get("laplace_scale", 1.0)))
     lines = [
-        "# AKOD against fixed schedules: the experiment (bench/akod_science.py)", "",
+        "# AKOD against fixed schedules, version 2 (bench/akod_science.py)", "",
         "Every arm: the same budget of CPU seconds of its own process (1 torch thread), everything but "
-        "evaluation counted (AKOD's branch rollouts, reward evaluations and PPO included). Real CIFAR-10 "
+        "evaluation counted (AKOD's reward probe, observations and PPO updates included). Real CIFAR-10 "
         "(50,000 training images), U-Net channels (16, 32, 32, 64), batch 32, bf16, AdamW 5e-4, EMA 0.995, "
-        "T = 1000. Means with 95% t-intervals over seeds.", "",
-        f"Target for time-to-target: cosine's final fid_c10 at N = 1,000, mean over seeds = {target_fid:.3f}; "
-        f"reference-loss target: cosine's final reference loss = {target_ref:.4f} (biased: its grid is uniform in "
-        "log-SNR, the loglinear schedule's own training distribution).", "",
-        f"Second target: the best fixed arm's final fid_c10 (N = 1,000): {best_fixed}, {target_best:.3f}.", "",
-        "| arm | seeds | images | fid_c10 final (N=2,000) | fid_c10 final (N=1,000, in-run) | reference loss (biased) "
-        "| seeds reaching cosine's fid_c10: budget s | seeds reaching the best fixed arm's fid_c10: budget s "
-        "| seeds reaching cosine's ref loss | non-training share of the budget |",
+        "T = 1000. The referee: fid_c10 on the common sampling grid (uniform in log-SNR between the shared "
+        "endpoints), DDIM-20, x0 clipped, from the final EMA weights (N = 2,000); each arm's own schedule as its "
+        "grid beside it. Means with 95% t-intervals over seeds; ratios paired by seed.", "",
+        f"Choices from the pilot (bench/reward_referee.py): DKO prior **{choices.get('prior')}**, laplace scale "
+        f"**{choices.get('laplace_scale')}**, reward metric **{metric}**.", "",
+        f"Best fixed arm (lowest mean final fid_c10, common grid): **{best_fixed}**. Time-to-target: budget seconds "
+        f"until the seeds' mean in-run curve (N = 500) reaches the best fixed arm's final in-run value ({target:.2f}).",
+        "",
+        "| arm | seeds | steps | fid_c10 final, common grid (N=2,000) | fid_c10 final, own grid (N=2,000) "
+        "| fid_c10 in-run final (N=500) | fid_c10 at AKOD's steps (N=500, equal images) | time to target (budget s) "
+        "| PPO samples per run | learning share of the budget |",
         "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
         "## Keys", "", "```json", json.dumps(figures, indent=2), "```", "",
-        *[f"- {n}" for n in notes], "",
         "## PPO's learning", "",
     ]
-    for r in by_arm.get("akod", []):
-        rets = [round(i["episode_return_mean"], 5) for i in r.get("iterations", []) if i.get("episode_return_mean") is not None]
-        g = gains.get(r["seed"], [])
-        lines.append(f"- seed {r['seed']}: {len(rets)} PPO iterations, {len([p for p in r.get('posted', []) if p.get('kind') == 'branch'])} "
-                     f"branch episodes; episode return mean per iteration {rets}; paired gain final - initial policy "
-                     f"{[round(x, 5) for x in g]}; trained schedule == rebuilt from checkpoint: {r.get('final_equals_trained')}")
-    lines += ["", "## Reward candidates", "",
-              "Share of each candidate's variance that lies within branch rounds (the same trunk weights and common random "
-              "numbers, so differences are the actions' doing) rather than between rounds (training drift):", ""]
-    for name in ("improvement", "reference"):
-        k = f"akod_reward_within_round_share_{name}"
-        if k in figures:
-            lines.append(f"- {name}: {figures[k]:.4f}")
+    for arm in ("akod", "dko_only", "dko_scratch"):
+        for r in by_arm.get(arm, []):
+            rets = [round(i["episode_return_mean"], 3) for i in r.get("iterations", [])
+                    if i.get("episode_return_mean") is not None]
+            g = [round(p["final"] - p["initial"], 4) for p in r.get("gain_pairs", [])]
+            lines.append(f"- {arm} seed {r['seed']}: {len(rets)} PPO iterations, {r.get('samples_per_run')} samples; "
+                         f"mean return per iteration {rets}; paired gain final - prior {g}")
+    if referee:
+        lines += ["", "## The reward against the referee (the pilot, bench/reward_referee/report.md)", "",
+                  "| candidate | Spearman, all checkpoints | Spearman within a budget |", "|---|---|---|"]
+        for c, v in referee["spearman"].items():
+            lines.append(f"| {c}{' (used)' if c == metric else ''} | {v['all']:.3f} | {v['within_budget_mean']:.3f} |")
     lines += ["", *[f"![{f}]({f})" for f in files], ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "summary.json").write_text(json.dumps({"per_arm": per_arm, "figures": figures, "target_fid_c10": target_fid,
-                                                  "target_ref_loss": target_ref}, indent=2, default=str))
-    clean = {k: v for k, v in figures.items() if k.startswith("akod_")}
+    (out / "summary.json").write_text(json.dumps({"per_arm": per_arm, "figures": figures, "target_fid_c10": target,
+                                                  "choices": choices, "gains": gains}, indent=2, default=str))
     if write_results:
-        merge_results(clean, meta_record(loadavg=loadavg(), note="bench/akod_science.py --report over "
-                                         f"{sum(len(v) for v in by_arm.values())} runs"))
+        merge_results({k: v for k, v in figures.items() if not k.startswith("akod_science_")},
+                      meta_record(loadavg=loadavg(), note="bench/akod_science.py --report over "
+                                  f"{sum(len(v) for v in by_arm.values())} runs"))
     print((out / "report.md").read_text())

@@ -123,3 +123,19 @@ def interleaved(fns: dict, warmup: int, reps: int, log=print, between=None) -> d
         if between is not None:
             between()
     return times
+
+
+def run_workers(script: str, args, worker) -> None:
+    """In a worker process (``--worker-index i``): ``worker(i, args.workers, args)``. Otherwise create
+    ``args.out`` and run ``script`` again as ``args.workers`` processes with this process's arguments
+    plus ``--worker-index i``, one torch thread each (runs side by side, one a core); raise SystemExit if
+    any fails."""
+    if args.worker_index is not None:
+        worker(args.worker_index, args.workers, args)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, script, *sys.argv[1:], "--worker-index", str(i)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for i in range(args.workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a worker failed: exit codes {codes}")

@@ -38,7 +38,7 @@ def tiny(tmp_path, name: str, *extra: str):
     return load_config(TUNE_CONFIGS / "tiny_akod.yaml", [
         "data.source=procedural", "data.train_subset=128", "data.val_size=8", "train.batch_size=8",
         f"run.root={tmp_path}", f"run.name={name}", "train.log_every=4", "train.sample_every=1000",
-        "rl.segment_steps=4", "dko.probe_pool=32", "dko.probe_size=8", "eval.fid_samples=8", "eval.ddim_steps=2",
+        "rl.segment_steps=4", "dko.probe_pool=32", "dko.probe_size=8", "eval.fid_samples=8", "eval.sampler_steps=2",
         *extra])
 
 
@@ -53,12 +53,16 @@ def test_branch_rollouts_share_their_start_and_the_trunk_keeps_the_dko_that_made
     kinds = [p["kind"] for p in posted]
     # PPO while another iteration fits (12 steps, segments of 4): rounds at steps 0 and 4, then the final
     assert kinds == ["branch", "branch", "trunk", "branch", "branch", "trunk", "trunk"], kinds
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731 (rl.reward_metric=eps_uniform: the plain mean of the profile)
     for round_ in (posted[0:2], posted[3:5]):
-        assert round_[0]["before_loss"] == round_[1]["before_loss"] == round_[0]["ref_loss"]  # the trunk's, shared
+        # the branches start from the trunk's probe profile, shared, and the trunk did not move
+        assert round_[0]["before_profile"] == round_[1]["before_profile"] == round_[0]["loss_profile"]
+        assert round_[0]["ref_loss"] == mean(round_[0]["loss_profile"])
         for p in round_:
-            assert p["reward"] == pytest.approx((p["before_loss"] - p["score_loss"]) / p["before_loss"], rel=1e-12)
-    assert posted[3]["before_loss"] == posted[2]["ref_loss"]  # the next round starts where the trunk segment ended
-    assert posted[6]["before_loss"] == posted[5]["ref_loss"]  # so does the final segment
+            before, after = mean(p["before_profile"]), mean(p["after_profile"])
+            assert p["reward"] == pytest.approx(cfg.rl.reward_scale * (before - after) / before, rel=1e-12)
+    assert posted[3]["before_profile"] == posted[2]["loss_profile"]  # the next round starts where the trunk segment ended
+    assert posted[6]["before_profile"] == posted[5]["loss_profile"]  # so does the final segment
 
     # the schedule the trunk trained with after PPO stopped == schedule.json == rebuilt from the checkpoint
     state = load_state(latest_checkpoint(cfg.run_dir))
@@ -130,3 +134,29 @@ def test_an_akod_resume_never_unpickles_what_is_planted_in_the_run_folder(tmp_pa
     finally:
         algo.stop()
     assert not marker.exists()
+
+
+def test_credit_per_knot_reaches_the_learner_and_every_sample_and_cost_is_counted(tmp_path, local_ray,
+                                                                                   torch_single_thread):
+    """AKOD v2 in miniature: short trunk decisions, the reward probe, credit per knot. Every PPO iteration
+    trains on rl.train_batch episodes of K - 1 samples each; the knot rewards the workers post sum to the
+    episode's reward; the probe's and the schedule waits' costs are in the metrics."""
+    cfg = tiny(tmp_path, "knots", "train.steps=24", "train.ckpt_every=8", "rl.train_batch=2", "rl.minibatch_size=6",
+               "rl.credit=knot", "rl.reward_grid=6", "rl.reward_images=4", "dko.prior=laplace",
+               "rl.reward_metric=eps_edm")
+    last = train_akod_local(cfg, load_training_data(cfg, None))
+    K1 = cfg.dko.num_knots - 1
+    posted = [json.loads(x) for x in (cfg.run_dir / "rl" / "posted.jsonl").read_text().splitlines()]
+    iterations = [json.loads(x) for x in (cfg.run_dir / "rl" / "iterations.jsonl").read_text().splitlines()]
+    # one decision per segment; with two segments left (no room for another iteration) the final schedule
+    assert [p["step"] for p in posted] == [4, 8, 12, 16, 24]
+    assert len(iterations) == last["ppo_iterations"] == 2
+    assert all(i["samples_trained"] == cfg.rl.train_batch * K1 for i in iterations)
+    for p in posted[: 2 * len(iterations)]:
+        assert len(p["knot_rewards"]) == K1
+        assert sum(p["knot_rewards"]) == pytest.approx(p["reward"], rel=1e-9, abs=1e-12)
+        assert len(p["before_profile"]) == len(p["after_profile"]) == 6
+    # PPO saw the posted rewards (the same sum per episode, whatever the split)
+    first = iterations[0]["episode_return_mean"]
+    assert first == pytest.approx((posted[0]["reward"] + posted[1]["reward"]) / 2, rel=1e-6)
+    assert last["other_reward_s"] > 0 and last["other_schedule_wait_s"] > 0

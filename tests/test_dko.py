@@ -378,3 +378,64 @@ def test_learned_schedule_of_the_initial_dko_is_uniform_in_log_snr_and_rebuilds_
 def test_observer_rejects_a_kernel_larger_than_the_images():
     with pytest.raises(ValueError, match="kernel_size=7 exceeds"):
         DKOObserver(torch.zeros(4, 3, 5, 5), 2, 7, 1000, 8, 9.21, -10.13, 0.1)
+
+
+# ----------------------------------------------------------------- reach: knot spacing and the prior (issue 16)
+
+
+@pytest.mark.parametrize("anchor, scale, tol", [("edm", 1.0, 0.05), ("laplace", 0.75, 0.07), ("laplace", 1.0, 0.06),
+                                                ("laplace", 2.0, 0.05), ("loglinear", 1.0, 1e-9)])
+def test_the_knot_builder_reaches_the_anchor_schedules(anchor, scale, tol):
+    """With 16 cosine-spaced knots (the default) the builder's schedule through an anchor's knots is
+    within a mean |delta log-SNR| of ``tol`` of the anchor at every step (the Wasserstein-1 distance
+    between the two training distributions of log-SNR under uniform t), and exactly on it at the knots."""
+    from akod_ray.diffusion.dko import actions_for_knots, prior_actions
+    from akod_ray.diffusion.schedules import anchor_logsnr
+
+    T, K = 1000, 16
+    actions = prior_actions(anchor, T, K, LMAX, LMIN, SHARE, scale, "cosine")
+    knots = logsnr_knots(actions, K, LMAX, LMIN, SHARE)
+    target = anchor_logsnr(anchor, T, LMAX, LMIN, scale)
+    pos = knot_positions(T, K, "cosine")
+    at_knots = torch.from_numpy(np.interp(pos.numpy(), np.arange(T), target.numpy()))
+    torch.testing.assert_close(knots, at_knots, rtol=0, atol=1e-9)
+    built = DiffusionProcess(schedule_from_knots(knots, T, "cosine")).log_snr
+    assert (built - target).abs().mean().item() < tol
+    # the inverse really is the builder's inverse, and the prior makes zero DKO output build the anchor
+    torch.testing.assert_close(logsnr_knots([0.0] * (K - 1), K, LMAX, LMIN, SHARE, actions), knots, rtol=0, atol=0)
+    assert actions_for_knots(knots, K, LMAX, LMIN, SHARE) == pytest.approx(actions, abs=1e-9)
+
+
+def test_uniform_knots_reach_the_anchors_far_worse_than_cosine_knots():
+    from akod_ray.diffusion.dko import prior_actions
+    from akod_ray.diffusion.schedules import anchor_logsnr
+
+    T, K = 1000, 16
+    err = {}
+    for spacing in ("uniform", "cosine"):
+        knots = logsnr_knots(prior_actions("laplace", T, K, LMAX, LMIN, SHARE, 1.0, spacing), K, LMAX, LMIN, SHARE)
+        built = DiffusionProcess(schedule_from_knots(knots, T, spacing)).log_snr
+        err[spacing] = (built - anchor_logsnr("laplace", T, LMAX, LMIN, 1.0)).abs().mean().item()
+    assert err["cosine"] < 0.06 and err["uniform"] > 0.3
+
+
+def test_knots_out_of_the_builders_reach_are_refused_and_so_is_such_a_prior():
+    from akod_ray.config import load_config
+    from akod_ray.diffusion.dko import actions_for_knots
+    from akod_ray.errors import ConfigError
+
+    K = 4
+    drop = SHARE * (LMAX - LMIN) / K  # the least a segment may drop
+    with pytest.raises(ValueError, match="knot 2: the segment drops log-SNR by"):
+        actions_for_knots([LMAX, 5.0, 5.0 - drop / 2, -5.0, LMIN], K, LMAX, LMIN, SHARE)
+    with pytest.raises(ConfigError, match=r"^dko\.prior 'laplace' is out of the DKO's reach with dko\.num_knots=32"):
+        load_config(None, ["diffusion.schedule=akod", "dko.prior=laplace", "dko.num_knots=32", "dko.min_segment_share=0.2",
+                           "rl.segment_steps=100", "train.ckpt_every=1000"])
+
+
+def test_cosine_knot_positions():
+    pos = knot_positions(1000, 4, "cosine")
+    expected = [999 * (1 - math.cos(math.pi * k / 4)) / 2 for k in range(5)]
+    assert pos.tolist() == pytest.approx(expected, abs=1e-9) and pos[0] == 0 and pos[-1] == 999
+    with pytest.raises(ValueError, match="dko.knot_spacing"):
+        knot_positions(1000, 4, "log")

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from akod_ray.config import Config, DiffusionConfig, DKOConfig, RLConfig, TrainConfig
-from akod_ray.diffusion.dko import DKO, uniform_logsnr_betas
+from akod_ray.diffusion.dko import DKO, prior_actions, schedule_from_actions, uniform_logsnr_betas
 from akod_ray.diffusion.schedules import validate_betas
 from akod_ray.rl.broker import BrokerClient, BrokerClosedError, get_or_create_broker
 from ray_helpers import FakeRank0
@@ -73,13 +73,20 @@ def setup():
 
 
 def test_policy_network_is_the_dko(setup):
-    """Runs first: the untrained DKO's deterministic output is 0, i.e. the uniform log-SNR schedule."""
+    """Runs first: the untrained DKO's deterministic output is 0, i.e. the prior's schedule (dko.prior: the
+    laplace anchor's knots by default)."""
     module = setup["algo"].get_module()
     assert isinstance(module.pi, DKO)
     assert [m.out_features for m in module.pi.body if hasattr(m, "out_features")] == list(CFG.dko.hidden)
-    expected = uniform_logsnr_betas(CFG.diffusion.T, CFG.dko.logsnr_max, CFG.dko.logsnr_min)
+    d, T = CFG.dko, CFG.diffusion.T
+    prior = prior_actions(d.prior, T, d.num_knots, d.logsnr_max, d.logsnr_min, d.min_segment_share,
+                          CFG.diffusion.laplace_scale, d.knot_spacing)
+    expected = schedule_from_actions([0.0] * (d.num_knots - 1), T, d.num_knots, d.logsnr_max, d.logsnr_min,
+                                     d.min_segment_share, d.knot_spacing, prior)
     torch.testing.assert_close(deterministic_schedule(setup["algo"], setup["env_config"]), expected,
                                rtol=1e-9, atol=1e-12)
+    assert d.prior == "laplace" and not torch.allclose(
+        expected, uniform_logsnr_betas(T, d.logsnr_max, d.logsnr_min), rtol=1e-3, atol=0)
 
 
 def test_two_iterations_see_exactly_the_posted_rewards(setup):

@@ -24,7 +24,8 @@ from ray_helpers import FakeRank0
 RUN = "ppo-learns"
 CFG = Config(
     diffusion=DiffusionConfig(T=100, schedule="akod"),
-    dko=DKOConfig(num_knots=4, hidden=(16, 16), probe_size=4, probe_pool=16),
+    # the start uniform in log-SNR with evenly spaced knots, where the optimum below is reachable exactly
+    dko=DKOConfig(num_knots=4, hidden=(16, 16), probe_size=4, probe_pool=16, prior="loglinear", knot_spacing="uniform"),
     rl=RLConfig(train_batch=12, minibatch_size=24, num_epochs=8, lr=3e-3, broker_timeout_s=30.0),
     train=TrainConfig(steps=1000, seed=0),
 )

@@ -149,7 +149,8 @@ def test_final_reward_is_the_posted_reward_and_the_schedule_is_the_builders():
     sub = client.submitted[0]
     betas = torch.tensor(sub["betas"], dtype=torch.float64)
     validate_betas(betas, T)
-    expected = schedule_from_actions(actions, T, K, 9.21, -10.13, 0.1)
+    obs = env.observer  # the config's knot spacing and prior (dko.knot_spacing, dko.prior)
+    expected = schedule_from_actions(actions, T, K, 9.21, -10.13, 0.1, obs.spacing, obs.prior_actions)
     torch.testing.assert_close(betas, expected, rtol=0, atol=0)
     assert sub["actions"] == actions and sub["episode"] == 0 and len(sub["knot_logsnr"]) == K + 1
 

@@ -328,11 +328,14 @@ class BrokerClient:
         return cls(handle, timeout_s, max_wait_s, name=name)
 
     def _get(self, ref, wait_s: float, what: str):
+        # The actor call itself may wait behind a starved machine (Ray's workers run niced): allow it the
+        # run's own broker timeout (rl.broker_timeout_s), never less than RPC_SLACK_S.
+        limit = wait_s + max(RPC_SLACK_S, self.timeout_s)
         try:
-            return ray.get(ref, timeout=wait_s + RPC_SLACK_S)
+            return ray.get(ref, timeout=limit)
         except ray.exceptions.GetTimeoutError:
             raise BrokerTimeoutError(f"the {self.name} actor did not answer '{what}' within "
-                                     f"{wait_s + RPC_SLACK_S:g} s; it is overloaded or hung") from None
+                                     f"{limit:g} s; it is overloaded or hung") from None
         except ray.exceptions.RayActorError as e:
             raise BrokerClosedError(f"the {self.name} actor is gone ({type(e).__name__}); "
                                     "its trial driver ended or it was killed") from None

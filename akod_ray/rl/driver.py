@@ -34,6 +34,7 @@ from akod_ray.diffusion.dko import DKOContext, DKOObserver, learned_schedule
 from akod_ray.diffusion.schedules import save_schedule
 from akod_ray.rl.broker import BrokerClient, broker_name, get_or_create_broker
 from akod_ray.rl.env import make_env_config
+from akod_ray.rl.env import make_observer as env_observer
 from akod_ray.rl.ppo import broker_error, build_ppo, load_rl_state_dict, policy_state
 from akod_ray.rl.worker_source import make_broker_schedule
 from akod_ray.errors import CheckpointError
@@ -58,15 +59,16 @@ def probe_pool_of(cfg: Config, train_images: torch.Tensor) -> torch.Tensor:
 
 
 def make_observer(cfg: Config, pool: torch.Tensor) -> DKOObserver:
-    d = cfg.dko
-    return DKOObserver(pool, d.probe_size, d.kernel_size, cfg.diffusion.T, d.num_knots, d.logsnr_max, d.logsnr_min,
-                       d.min_segment_share)
+    """The DKO observer of a config (the same one the env builds from its env_config)."""
+    return env_observer(make_env_config(cfg, pool, cfg.run.name))
 
 
 def load_broker_state(path: Path) -> dict:
     """The broker's saved state (plain data, ``weights_only``); anything else is a CheckpointError naming the file."""
+    from akod_ray.training.checkpoint import load_plain  # torch.load without its warnings on stderr
+
     try:
-        state = torch.load(path, weights_only=True)
+        state = load_plain(path)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad or hostile file
         raise CheckpointError(f"broker state {str(path)!r} is not plain data ({type(e).__name__}); "
                               "remove it to restart the AKOD run's PPO bookkeeping") from None
@@ -147,9 +149,15 @@ def run_ppo(cfg: Config, algo, client, observer: DKOObserver, run_dir: Path, tra
         if after_iteration is not None:
             after_iteration()
         env_runners = result.get("env_runners", {})
+        learner = result.get("learners", {}).get("default_policy", {})
         _append_jsonl(rl_dir / "iterations.jsonl", {
             "iteration": iteration, "episode_return_mean": env_runners.get("episode_return_mean"),
-            "num_episodes": env_runners.get("num_episodes"), "wall_s": time.perf_counter() - t0,
+            "num_episodes": env_runners.get("num_episodes"),
+            # (observation, action, reward) samples in this iteration's train batch (each of the K - 1 knots of an
+            # episode is one), and the sample-updates PPO made of them (num_epochs passes over its minibatches)
+            "samples_trained": int(env_runners.get("num_env_steps_sampled", 0)),
+            "sample_updates": int(learner.get("num_module_steps_trained", 0)),
+            "wall_s": time.perf_counter() - t0,
         })
     if training_alive():  # 4. the learned schedule at the latest observation, for the rest of the run
         state, betas = publish(cfg, algo, client, observer, run_dir, iteration, final=True)

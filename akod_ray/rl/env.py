@@ -19,6 +19,8 @@ num_knots              K (DKOConfig.num_knots); an episode has K - 1 steps
 kernel_size            Gaussian filter size k of sigma_local
 logsnr_max/min,        the knot builder's endpoints and minimum segment share
 min_segment_share
+knot_spacing           where the knots stand (dko.knot_spacing)
+prior_actions          the actions that build the prior schedule (dko.prior); the DKO corrects them
 total_steps            optimizer steps of the whole run (the progress feature's denominator)
 broker_name,           the broker actor to submit to (looked up lazily, at the first reset)
 broker_namespace
@@ -41,7 +43,7 @@ import ray
 import torch
 
 from akod_ray.diffusion.dko import (ACTION_BOUND, OBS_BOUND, OBS_DIM, DKOContext, DKOObserver, clip_action,
-                                    schedule_from_knots)
+                                    prior_actions)
 from akod_ray.rl.broker import BrokerClient, broker_name
 
 EPISODE_SEED_STRIDE = 1_000_003
@@ -50,15 +52,19 @@ EPISODE_SEED_STRIDE = 1_000_003
 def make_env_config(cfg, probe: Any, run_id: str, *, namespace: str | None = None, probe_seed: int = 0,
                     max_wait_s: float | None = None, broker_client_factory: Callable | None = None) -> dict:
     """env_config for :class:`ScheduleEnv` from a :class:`~akod_ray.config.Config`."""
+    d = cfg.dko
     out = {
         "probe": probe,
-        "probe_size": cfg.dko.probe_size,
+        "probe_size": d.probe_size,
         "T": cfg.diffusion.T,
-        "num_knots": cfg.dko.num_knots,
-        "kernel_size": cfg.dko.kernel_size,
-        "logsnr_max": cfg.dko.logsnr_max,
-        "logsnr_min": cfg.dko.logsnr_min,
-        "min_segment_share": cfg.dko.min_segment_share,
+        "num_knots": d.num_knots,
+        "kernel_size": d.kernel_size,
+        "logsnr_max": d.logsnr_max,
+        "logsnr_min": d.logsnr_min,
+        "min_segment_share": d.min_segment_share,
+        "knot_spacing": d.knot_spacing,
+        "prior_actions": prior_actions(d.prior, cfg.diffusion.T, d.num_knots, d.logsnr_max, d.logsnr_min,
+                                       d.min_segment_share, cfg.diffusion.laplace_scale, d.knot_spacing),
         "total_steps": cfg.train.steps,
         "broker_name": broker_name(run_id),
         "broker_namespace": namespace,
@@ -84,7 +90,8 @@ def make_observer(env_config: dict) -> DKOObserver:
     c = env_config
     try:
         return DKOObserver(_load_probe(c["probe"]), int(c.get("probe_size", 64)), int(c["kernel_size"]), int(c["T"]),
-                           int(c["num_knots"]), c["logsnr_max"], c["logsnr_min"], c["min_segment_share"])
+                           int(c["num_knots"]), c["logsnr_max"], c["logsnr_min"], c["min_segment_share"],
+                           c.get("knot_spacing", "uniform"), c.get("prior_actions"))
     except ValueError as e:
         raise ValueError(f"env_config['probe']: {e}") from None
 
@@ -101,7 +108,7 @@ class ScheduleEnv(gym.Env):
     Episode: K - 1 steps (K = ``num_knots``). Step k (0-based) stands at knot k, whose
     log-SNR lambda_k is fixed by the actions before it (lambda_0 = logsnr_max); its action
     sets lambda_{k+1}. After the last action the builder lands on lambda_K = logsnr_min,
-    the betas for all T steps come from :func:`~akod_ray.diffusion.dko.schedule_from_knots`
+    the betas for all T steps come from :meth:`~akod_ray.diffusion.dko.DKOObserver.schedule`
     (valid by construction), and the schedule goes to the broker.
 
     Observation: Box(-30, 30, (OBS_DIM,), float32), :meth:`DKOObserver.observation` at the
@@ -110,15 +117,18 @@ class ScheduleEnv(gym.Env):
     loss profile of the latest posted result, read from the broker at every reset; fixed
     within an episode). The probe seed of episode e is ``probe_seed * 1_000_003 + e``.
 
-    Action: Box(-10, 10, (1,), float32), the DKO output: the logit of the share of the
-    remaining free log-SNR range that segment k uses (values outside are clipped, NaN is
-    an error).
+    Action: Box(-10, 10, (1,), float32), the DKO output: the correction to the prior's logit of
+    the share of the remaining free log-SNR range that segment k uses (values outside are
+    clipped, NaN is an error).
 
     Reward: 0 for every step but the last; the last step returns the ``reward`` the
     workers posted for this schedule (``rl.reward``, decided in one place:
     :func:`akod_ray.rl.reward.reward_from`), and ``terminated=True``. Its info holds
-    ``request_id``, ``reward``, ``ref_loss``, ``paper_loss`` and ``step``. Undiscounted
-    (gamma = 1): the return of an episode is the posted reward.
+    ``request_id``, ``reward``, ``ref_loss``, ``paper_loss``, ``step`` and, with
+    ``rl.credit=knot``, ``knot_rewards`` (one per step, summing to the reward), which
+    :func:`credit_per_knot` (an RLlib ``on_episode_end`` callback) writes into the episode
+    before it reaches the learner. Undiscounted (gamma = 1): the return of an episode is the
+    posted reward either way.
     """
 
     metadata = {"render_modes": []}
@@ -186,7 +196,7 @@ class ScheduleEnv(gym.Env):
 
         self._started = False
         knots = self._builder.knot_logsnr()
-        betas = schedule_from_knots(knots, self.T)
+        betas = self.observer.schedule(knots)
         request = {
             "betas": betas.tolist(),
             "knot_logsnr": knots.tolist(),
@@ -203,4 +213,15 @@ class ScheduleEnv(gym.Env):
         self.episode += 1
         info = {"request_id": rid, "reward": reward, "knot": self.K - 1,
                 **{key: float(result[key]) for key in ("ref_loss", "paper_loss", "step") if key in result}}
+        if result.get("knot_rewards"):
+            info["knot_rewards"] = [float(r) for r in result["knot_rewards"]]
         return self.observation(self.K - 1, float(knots[self.K - 1])), reward, True, False, info
+
+
+def credit_per_knot(*, episode, **kwargs) -> None:
+    """RLlib ``on_episode_end`` callback (``rl.credit=knot``): the episode's rewards become the knot
+    rewards the workers posted (one per action, the same sum), before the episode is numpy'd and sent
+    to the learner. Episodes without them keep the reward at their last step."""
+    credit = episode.get_infos(-1).get("knot_rewards")
+    if credit is not None and len(credit) == len(episode):
+        episode.set_rewards(new_data=[float(r) for r in credit])

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.utils.from_config import NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -30,7 +31,7 @@ from akod_ray.config import Config
 from akod_ray.errors import BrokerTimeoutError
 from akod_ray.rl.broker import BrokerClosedError
 from akod_ray.diffusion.dko import DKOContext, DKOObserver
-from akod_ray.rl.env import ScheduleEnv, make_observer
+from akod_ray.rl.env import ScheduleEnv, credit_per_knot, make_observer
 from akod_ray.rl.rl_module import DKORLModule
 
 VF_HIDDEN = (64, 64)
@@ -68,6 +69,7 @@ def ppo_config(cfg: Config, env_config: dict) -> PPOConfig:
             module_class=DKORLModule,
             model_config={"hidden": list(cfg.dko.hidden), "vf_hidden": list(VF_HIDDEN)},
         ))
+        .callbacks(on_episode_end=credit_per_knot if cfg.rl.credit == "knot" else NotProvided)
         .debugging(seed=cfg.train.seed, log_level="WARN")
     )
 

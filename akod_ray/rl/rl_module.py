@@ -39,6 +39,10 @@ class DKORLModule(TorchRLModule, ValueFunctionAPI):
         hidden = tuple(self.model_config.get("hidden", (64, 64)))
         self.pi = DKO(hidden=hidden, obs_dim=obs_dim)
         self.vf = _mlp(obs_dim, tuple(self.model_config.get("vf_hidden", (64, 64))), 1)
+        # V starts at 0, not at a random offset: with rewards of O(1) (rl.reward_scale) an untrained
+        # critic's noise would otherwise be most of the first advantages
+        nn.init.zeros_(self.vf[-1].weight)
+        nn.init.zeros_(self.vf[-1].bias)
 
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         return {Columns.ACTION_DIST_INPUTS: self.pi(batch[Columns.OBS])}

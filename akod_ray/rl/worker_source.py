@@ -14,9 +14,11 @@ trunk      the deterministic DKO schedule the driver sends after each PPO update
 final      the deterministic learned schedule when PPO's budget is spent: the rest of the run.
 =========  ==================================================================================
 
-Every result carries the trunk's state (step, reference loss, loss profile: the DKO's next
-observation), the losses the reward is made of and the reward itself
-(:func:`akod_ray.rl.reward.reward_from`), and echoes the request's DKO context.
+Every result carries the reward probe's profiles before and after the proposal (what the reward
+is made of), the reward itself (:func:`akod_ray.rl.reward.reward_from`) and, with
+``rl.credit=knot``, its share per knot (:func:`akod_ray.rl.reward.knot_rewards`); the trunk's
+state (step, mean probe loss, probe profile: the DKO's next observation); and it echoes the
+request's DKO context.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from akod_ray.config import Config
 from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.errors import BrokerTimeoutError
 from akod_ray.rl.broker import BrokerClient
-from akod_ray.rl.reward import reward_from
+from akod_ray.rl.reward import knot_rewards, reward_from
 from akod_ray.training.loop import Segment, Trunk
 
 HEARTBEAT_EVERY_S = 5.0
@@ -51,7 +53,7 @@ class BrokerSchedule:
         self.first_request = True
         self.last_beat = 0.0
         self.posted_log = None if run_dir is None or env.rank != 0 else Path(run_dir) / "rl" / "posted.jsonl"
-        self._before: dict | None = None  # the trunk's reference at the current segment's start
+        self._before: dict | None = None  # the trunk's reward-probe profile at the current segment's start
         self._requests: dict[int, dict] = {}  # rank 0: request metadata to echo in its result
         self._policy: dict | None = None  # the DKO state restored from a checkpoint, until the driver publishes
         self._segment_policy: dict | None = None  # the DKO state of the trunk's current (deterministic) schedule
@@ -65,7 +67,8 @@ class BrokerSchedule:
             if req is not None:
                 rid, schedule = req
                 kind = "final" if schedule.get("final") else schedule.get("kind", "episode")
-                self._requests[rid] = {"context": schedule.get("context"), "dko": schedule.get("dko")}
+                self._requests[rid] = {"context": schedule.get("context"), "dko": schedule.get("dko"),
+                                       "knot_logsnr": schedule.get("knot_logsnr")}
                 return rid, kind, schedule["betas"]
             if time.monotonic() - start > self.cfg.rl.broker_timeout_s:
                 raise BrokerTimeoutError(
@@ -85,12 +88,12 @@ class BrokerSchedule:
         while True:
             rid, kind, process = self._receive()
             if kind == "episode" and self.cfg.rl.branches > 0:
-                before = trunk.reference()
+                before = trunk.reward_profile()
                 scored = trunk.branch(process, self.cfg.rl.branch_steps)
-                # the trunk's state (ref_loss, profile, step: the DKO's next observation) over the branch's own
-                self._post(rid, before, {**scored, **before, "score_loss": scored["ref_loss"], "kind": "branch"})
+                # the trunk did not move: its state (the DKO's next observation) is the branch's start
+                self._post(rid, before, before, {**scored, "kind": "branch"})
                 continue
-            self._before = trunk.reference()  # cached: the previous segment's end computed it
+            self._before = trunk.reward_profile()  # cached: the previous segment's end computed it
             dko = (self._requests.get(rid) or {}).get("dko")
             if dko is not None:  # the DKO state that made this deterministic schedule: what checkpoints store
                 self._segment_policy = dko
@@ -98,15 +101,25 @@ class BrokerSchedule:
             return Segment(process, length, rid)
 
     def finish_segment(self, segment: Segment, result: dict) -> None:
-        """The segment's end: ``result`` is the trunk's reference now (ref_loss, loss_profile, step, ...)."""
-        self._post(segment.request_id, self._before, dict(result, score_loss=result["ref_loss"], kind="trunk"))
+        """The segment's end: ``result`` is the trunk's reward-probe profile now (profile, profile_logsnr, step, ...)."""
+        extra = {k: v for k, v in result.items() if k not in ("profile", "profile_logsnr", "step")}
+        self._post(segment.request_id, self._before, result, {**extra, "after_profile": result["profile"],
+                                                               "kind": "trunk"})
 
-    def _post(self, rid: int, before: dict, result: dict) -> None:
+    def _post(self, rid: int, before: dict, trunk_now: dict, result: dict) -> None:
+        """Post the result of request ``rid``: the probe ``before`` it, the trunk's state ``trunk_now``
+        and what the proposal scored (``after_profile``, ``paper_loss``)."""
         if self.client is None:
             return
+        rl = self.cfg.rl
         meta = self._requests.pop(rid, {})
-        result = dict(result, before_loss=before["ref_loss"], request_id=rid, context=meta.get("context"))
-        result["reward"] = reward_from(result, self.cfg.rl.reward)
+        profile = trunk_now["profile"]
+        result = dict(result, before_profile=before["profile"], profile_logsnr=before["profile_logsnr"],
+                      step=trunk_now["step"], ref_loss=sum(profile) / len(profile), loss_profile=profile,
+                      request_id=rid, context=meta.get("context"))
+        result["reward"] = reward_from(result, rl.reward, rl.reward_metric, rl.reward_scale)
+        if rl.credit == "knot" and meta.get("knot_logsnr"):
+            result["knot_rewards"] = knot_rewards(result, rl.reward_metric, meta["knot_logsnr"], rl.reward_scale)
         self.client.post_result(rid, result)
         if self.posted_log is not None:
             self.posted_log.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,9 @@
-"""Fixed schedules for the loop: linear, cosine, loglinear or a schedule file (the DKO's source lives in akod_ray.rl)."""
+"""Fixed schedules for the loop: linear, cosine, loglinear, edm, laplace or a schedule file (the DKO's source lives in akod_ray.rl)."""
 
 from __future__ import annotations
 
 from akod_ray.config import Config
-from akod_ray.diffusion.dko import uniform_logsnr_betas
-from akod_ray.diffusion.schedules import fixed_schedule, load_schedule
+from akod_ray.diffusion.schedules import edm_betas, fixed_schedule, laplace_betas, load_schedule, uniform_logsnr_betas
 from akod_ray.training.loop import FixedSchedule
 
 
@@ -12,8 +11,13 @@ def fixed_betas(cfg: Config):
     d = cfg.diffusion
     if d.schedule == "file":
         return load_schedule(d.schedule_file, d.T)
-    if d.schedule == "loglinear":  # uniform in log-SNR between the DKO's endpoints: the DKO's starting point
-        return uniform_logsnr_betas(d.T, cfg.dko.logsnr_max, cfg.dko.logsnr_min)
+    ends = (cfg.dko.logsnr_max, cfg.dko.logsnr_min)  # the range loglinear, edm, laplace and the DKO share
+    if d.schedule == "loglinear":  # uniform in log-SNR: the DKO's starting point
+        return uniform_logsnr_betas(d.T, *ends)
+    if d.schedule == "edm":
+        return edm_betas(d.T, *ends)
+    if d.schedule == "laplace":
+        return laplace_betas(d.T, *ends, d.laplace_scale)
     return fixed_schedule(d.schedule, d.T)
 
 
