@@ -16,6 +16,7 @@ from akod_ray.data.sources import load_training_data
 from akod_ray.diffusion.dko import DKOContext, learned_schedule
 from akod_ray.diffusion.schedules import load_schedule
 from akod_ray.rl.driver import make_observer, probe_pool_of, train_akod_local
+from akod_ray.rl.reward import metric_value
 from akod_ray.rl.worker_source import BrokerSchedule
 from akod_ray.training.checkpoint import latest_checkpoint, load_state
 from akod_ray.training.local import LocalEnv
@@ -53,13 +54,14 @@ def test_branch_rollouts_share_their_start_and_the_trunk_keeps_the_dko_that_made
     kinds = [p["kind"] for p in posted]
     # PPO while another iteration fits (12 steps, segments of 4): rounds at steps 0 and 4, then the final
     assert kinds == ["branch", "branch", "trunk", "branch", "branch", "trunk", "trunk"], kinds
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731 (rl.reward_metric=eps_uniform: the plain mean of the profile)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    metric = lambda p, key: metric_value(cfg.rl.reward_metric, p[key], p["profile_logsnr"])  # noqa: E731
     for round_ in (posted[0:2], posted[3:5]):
         # the branches start from the trunk's probe profile, shared, and the trunk did not move
         assert round_[0]["before_profile"] == round_[1]["before_profile"] == round_[0]["loss_profile"]
         assert round_[0]["ref_loss"] == mean(round_[0]["loss_profile"])
         for p in round_:
-            before, after = mean(p["before_profile"]), mean(p["after_profile"])
+            before, after = metric(p, "before_profile"), metric(p, "after_profile")
             assert p["reward"] == pytest.approx(cfg.rl.reward_scale * (before - after) / before, rel=1e-12)
     assert posted[3]["before_profile"] == posted[2]["loss_profile"]  # the next round starts where the trunk segment ended
     assert posted[6]["before_profile"] == posted[5]["loss_profile"]  # so does the final segment

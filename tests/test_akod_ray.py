@@ -46,15 +46,25 @@ def akod_args(root, name: str, *layers: dict) -> list[str]:
 
 
 def check_posted(run_dir, steps: int) -> list[dict]:
-    """Every schedule request answered exactly once, in order; reward = the relative fall of the
-    reference loss over the segment (rl.reward=improvement, the default)."""
+    """Every schedule request answered exactly once, in order; reward = rl.reward_scale times the
+    relative fall of the reward metric over the segment (rl.reward=improvement, the default), with
+    credit per knot summing to it."""
+    from akod_ray.config import load_config
+    from akod_ray.rl.reward import metric_value
+
+    rl = load_config(run_dir / "config.yaml").rl
     posted = read_jsonl(run_dir / "rl" / "posted.jsonl")
     assert [p["request_id"] for p in posted] == list(range(len(posted)))
     for prev, p in zip([None] + posted[:-1], posted):
-        assert p["kind"] == "trunk" and p["score_loss"] == p["ref_loss"]
+        assert p["kind"] == "trunk" and p["after_profile"] == p["loss_profile"]
+        assert len(p["loss_profile"]) == len(p["profile_logsnr"]) == rl.reward_grid
+        assert p["ref_loss"] == pytest.approx(sum(p["loss_profile"]) / rl.reward_grid, rel=1e-12)
         if prev is not None:  # a segment starts where the previous one ended
-            assert p["before_loss"] == prev["ref_loss"]
-        assert p["reward"] == pytest.approx((p["before_loss"] - p["ref_loss"]) / p["before_loss"], rel=1e-12)
+            assert p["before_profile"] == prev["loss_profile"]
+        before, after = (metric_value(rl.reward_metric, p[k], p["profile_logsnr"]) for k in ("before_profile", "after_profile"))
+        assert p["reward"] == pytest.approx(rl.reward_scale * (before - after) / before, rel=1e-9)
+        if "knot_rewards" in p:  # proposals of the DKO (the final schedule's too)
+            assert sum(p["knot_rewards"]) == pytest.approx(p["reward"], rel=1e-9, abs=1e-12)
         assert p["step"] % K == 0 and 0 < p["step"] <= steps
     assert [p["step"] for p in posted] == sorted(p["step"] for p in posted)
     assert posted[-1]["step"] == steps
@@ -89,11 +99,11 @@ def test_akod_run_end_to_end(tmp_path, akod_runs, capsys):
     assert len(iterations) == 2
     assert len(posted) == 5  # 2 iterations x 2 segments, then one final segment of 20 steps
     assert [p["step"] for p in posted] == [10, 20, 30, 40, 60]
-    # the reward of a segment is the reference validation loss logged at its last step
+    # a segment's reward is measured at its last step, where the run logs its metrics record
     logged = {r["step"]: r["ref_loss"] for r in interval_records(run_dir)}
     assert sorted(logged) == list(range(K, steps + 1, K))
-    for p in posted:
-        assert p["ref_loss"] == pytest.approx(logged[p["step"]], rel=1e-12)
+    assert {p["step"] for p in posted} <= set(logged)
+    at_step = {p["step"]: p for p in posted}
 
     # the learned schedule: valid, the one the workers trained the last segment with, and it samples
     from akod_ray.diffusion.schedules import load_schedule
@@ -112,7 +122,8 @@ def test_akod_run_end_to_end(tmp_path, akod_runs, capsys):
     cfg = load_config(run_dir / "config.yaml")
     dko = state["schedule_source"]["dko"]
     assert dko["context"]["progress"] == pytest.approx(40 / steps) and dko["context"]["loss_profile"]
-    assert dko["context"]["ref_loss"] == pytest.approx(logged[40], rel=1e-12)
+    assert dko["context"]["ref_loss"] == pytest.approx(at_step[40]["ref_loss"], rel=1e-12)
+    assert dko["context"]["loss_profile"] == pytest.approx(at_step[40]["loss_profile"], rel=1e-12)
     rebuilt = learned_schedule(dko, make_observer(cfg, load_probe_pool(cfg, str(CIFAR_DIR))), cfg.dko.hidden)
     assert torch.equal(rebuilt, state["betas"])
     from akod_ray.cli import main
@@ -227,8 +238,10 @@ def test_the_paper_reward_can_be_gamed_and_the_reference_reward_cannot(cifar_dir
         gs = torch.Generator().manual_seed(seed + 7)
         for x in seg_batches:
             train_step(m, process, [x], o, StepOptions(), gs)
-        result[name] = {"score_loss": ref.loss(m), "ref_loss": ref.loss(m), "paper_loss": schedule_loss(m, process, val),
-                        "before_loss": ref.loss(model)}
+        after = ref.profile(m)
+        result[name] = {"after_profile": after, "ref_loss": sum(after) / len(after),
+                        "before_profile": ref.profile(model), "profile_logsnr": ref.grid_logsnr,
+                        "paper_loss": schedule_loss(m, process, val)}
     paper = {k: reward_from(r, "paper") for k, r in result.items()}
     reference = {k: reward_from(r, "reference") for k, r in result.items()}
     improvement = {k: reward_from(r, "improvement") for k, r in result.items()}

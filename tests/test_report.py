@@ -52,7 +52,7 @@ def train_tiny_run(run_dir: Path, schedule: str, seed: int, ref_c10, feat_net, m
     if schedule == "akod":
         # A learned-looking schedule: the DKO's knot construction from fixed actions.
         betas = schedule_from_actions([0.2, 0.5, 0.3, 0.6, 0.4, 0.5, 0.5], T, 8, 9.21, -10.13, 0.1)
-        save_schedule(run_dir / "schedule.json", betas, source="test")
+        save_schedule(run_dir / "schedule.json", betas, source="akod")  # as the AKOD driver marks it
     else:
         betas = fixed_schedule(schedule, T)
     torch.manual_seed(seed)

@@ -92,6 +92,6 @@ def test_ppo_installs_the_credit_callback_only_with_knot_credit():
 
     base = ["diffusion.schedule=akod", "rl.segment_steps=10", "train.ckpt_every=100"]
     knot = ppo_config(load_config(None, base + ["rl.credit=knot"]), {})
-    episode = ppo_config(load_config(None, base), {})
+    episode = ppo_config(load_config(None, base + ["rl.credit=episode"]), {})
     assert knot.callbacks_on_episode_end is credit_per_knot
     assert episode.callbacks_on_episode_end in (None, []) or not callable(episode.callbacks_on_episode_end)
