@@ -13,7 +13,8 @@ Design:
   interleaved in time so the load beside a run hits every arm alike.
 - The referee is fid_c10 (the shipped CIFAR-10 classifier's Frechet distance, never called FID)
   on the common sampling grid (uniform in log-SNR between the shared endpoints: every arm is sampled
-  the same way, so the comparison judges training only), DDIM-20, x0 clipped: at step 0 and every
+  the same way, so the comparison judges training only), ``--sampler`` at 20 evaluations (the best
+  at that budget by bench/sampling.py; version 2 ran with DDIM-20), x0 clipped: at step 0 and every
   ``eval.fid_every`` steps with N = 500 during the run (the curves and time-to-target), and
   N = 2,000 from the final EMA weights, on the common grid and on the arm's own schedule as its grid.
 - The DKO (v2): 16 cosine-spaced knots, a correction to a prior schedule (``--prior``, the anchor
@@ -49,6 +50,7 @@ VARIANTS = {"dko_scratch": ("dko_only", ["dko.prior=loglinear"])}  # bench-only 
 LEARNED = ("dko_only", "akod", "dko_scratch")
 SEEDS = [0, 1, 2]
 OUT = ROOT / "bench" / "akod_science"
+REFEREE_SAMPLER = "heun"  # the best sampler at 20 evaluations by bench/sampling.py (BENCHMARKS.md, "Sampling")
 
 BASE = [  # the experiment's config (set here so the bench is self-contained)
     "model.channels=[16,32,32,64]", "model.bottleneck_channels=64", "model.num_res_blocks=1",
@@ -64,7 +66,7 @@ BASE = [  # the experiment's config (set here so the bench is self-contained)
     "rl.segment_steps=30", "rl.branches=0", "rl.train_batch=8", "rl.minibatch_size=60", "rl.num_epochs=6",
     "rl.lr=0.0003", "rl.reward=improvement", "rl.reward_images=8", "rl.reward_grid=24", "rl.credit=knot",
     "rl.reward_scale=100", "rl.broker_timeout_s=900",
-    "eval.sampler=ddim", "eval.sampler_steps=20", "eval.sampling_grid=common", "eval.fid_every=300",
+    "eval.sampler_steps=20", "eval.sampling_grid=common", "eval.fid_every=300",
     "eval.fid_samples=500", "eval.grid_size=4",
 ]
 
@@ -89,7 +91,7 @@ def run_config(arm: str, seed: int, budget: float, out: Path, extra: list[str]):
 def science_overrides(args) -> list[str]:
     """The pilot's choices (prior, laplace scale, reward metric) and any --set overrides."""
     return [f"dko.prior={args.prior}", f"diffusion.laplace_scale={args.laplace_scale}",
-            f"rl.reward_metric={args.reward_metric}", *args.set]
+            f"rl.reward_metric={args.reward_metric}", f"eval.sampler={args.sampler}", *args.set]
 
 
 # ----------------------------------------------------------------- one run
@@ -216,7 +218,8 @@ def one_run(arm: str, seed: int, args) -> dict:
         last = run_training(cfg, data, LocalEnv(cfg.run_dir, cfg.train.num_to_keep), cfg.run_dir, fixed_source(cfg))
     out = {"arm": arm, "seed": seed, "budget": args.budget, "run_wall_s": time.perf_counter() - t0,
            "run_cpu_s": time.process_time() - c0, "last": last, "loadavg": loadavg(),
-           "choices": {"prior": args.prior, "laplace_scale": args.laplace_scale, "reward_metric": args.reward_metric}}
+           "choices": {"prior": args.prior, "laplace_scale": args.laplace_scale, "reward_metric": args.reward_metric,
+                       "sampler": args.sampler}}
     out["records"] = [start, *read_jsonl(cfg.run_dir / "metrics.jsonl")]
     out["steps"] = last.get("step")
     out["images"] = last.get("step", 0) * cfg.train.batch_size
@@ -271,6 +274,8 @@ def main() -> None:
     ap.add_argument("--prior", default="laplace", help="dko.prior of the learned arms (the pilot's best anchor)")
     ap.add_argument("--laplace-scale", type=float, default=1.0, help="diffusion.laplace_scale (the pilot's choice)")
     ap.add_argument("--reward-metric", default="eps_uniform", help="rl.reward_metric (the pilot's choice)")
+    ap.add_argument("--sampler", default=REFEREE_SAMPLER, help="the referee's sampler at 20 network evaluations "
+                    "(default: the best at 20 by bench/sampling.py; version 2 of this experiment ran with ddim)")
     ap.add_argument("--final-n", type=int, default=2000, help="samples of the final fid_c10")
     ap.add_argument("--gain-steps", type=int, default=50, help="branch steps of the policy-gain evaluation")
     ap.add_argument("--gain-reps", type=int, default=4, help="paired draws of the policy-gain evaluation")

@@ -135,7 +135,7 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str:
     return path.name
 
 
-def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float) -> list[str]:
+def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float, sampler: str = "DDIM-20") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +152,7 @@ def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float) -> lis
             ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.12)
     ax.set_ylim(top=80)
     files.append(_save(fig, ax, out / "curve_fid_c10.png", "budget seconds (CPU time of the run, 1 thread)",
-                       "fid_c10 (N = 500, DDIM-20, common grid)", "fid_c10 during training: mean over seeds, band = min..max"))
+                       f"fid_c10 (N = 500, {sampler}, common grid)", "fid_c10 during training: mean over seeds, band = min..max"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     bins = np.linspace(-10.13, 9.21, 40)
@@ -183,6 +183,17 @@ def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float) -> lis
 
 
 # ----------------------------------------------------------------- the report
+
+
+def referee_sampler(by_arm: dict) -> str:
+    """The sampler and evaluations of the runs' in-run fid_c10 ("DDIM-20"); every run must agree."""
+    seen = {(rec.get("fid_c10_sampler", "ddim"), rec.get("fid_c10_nfe")) for rs in by_arm.values() for r in rs
+            for rec in r["records"] if "fid_c10" in rec}
+    if len(seen) != 1:
+        raise SystemExit(f"[science] the runs were judged with different samplers {sorted(seen, key=str)}: "
+                         "one experiment has one referee")
+    name, nfe = seen.pop()
+    return f"{name.upper() if name in ('ddim', 'ddpm') else name}-{nfe}"
 
 
 def write_report(out: Path, arms: list[str], write_results: bool = True) -> None:
@@ -260,14 +271,15 @@ def write_report(out: Path, arms: list[str], write_results: bool = True) -> None
         figures["reward_vs_fid_c10_spearman"] = referee["spearman"][metric]["all"]
         figures["reward_vs_fid_c10_spearman_within_budget"] = referee["spearman"][metric]["within_budget_mean"]
 
-    files = plots(out, by_arm, float(choices.get("laplace_scale", 1.0)))
+    sampler = referee_sampler(by_arm)
+    files = plots(out, by_arm, float(choices.get("laplace_scale", 1.0)), sampler)
     lines = [
         "# AKOD against fixed schedules, version 2 (bench/akod_science.py)", "",
         "Every arm: the same budget of CPU seconds of its own process (1 torch thread), everything but "
         "evaluation counted (AKOD's reward probe, observations and PPO updates included). Real CIFAR-10 "
         "(50,000 training images), U-Net channels (16, 32, 32, 64), batch 32, bf16, AdamW 5e-4, EMA 0.995, "
         "T = 1000. The referee: fid_c10 on the common sampling grid (uniform in log-SNR between the shared "
-        "endpoints), DDIM-20, x0 clipped, from the final EMA weights (N = 2,000); each arm's own schedule as its "
+        "endpoints), " + sampler + ", x0 clipped, from the final EMA weights (N = 2,000); each arm's own schedule as its "
         "grid beside it. Means with 95% t-intervals over seeds; ratios paired by seed.", "",
         f"Choices from the pilot (bench/reward_referee.py): DKO prior **{choices.get('prior')}**, laplace scale "
         f"**{choices.get('laplace_scale')}**, reward metric **{metric}**.", "",

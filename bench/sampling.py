@@ -165,6 +165,38 @@ def run(args) -> None:
                 f"{result['wall_s_per_image'] * 1000:.1f} ms/image")
 
 
+def timing(args) -> None:
+    """Wall time per image of every sampler at every budget and of DDPM over all T, side by side: ``--rounds``
+    rounds, each timing every (sampler, budget) once on ``--n`` images in turn (so a change of load hits all
+    alike), the median per image kept. No fid_c10: the quality cells are timed under whatever load their long
+    runs met, these are the figures to compare. Writes ``<out>/timing.json``."""
+    import statistics as stats
+
+    import torch
+
+    from akod_ray.training.checkpoint import load_for_sampling
+
+    torch.set_num_threads(args.threads)
+    arm, ckpt = resolve((args.paths or default_arms())[0])
+    model, process, cfg = load_for_sampling(ckpt)
+    jobs = [(s, b) for b in args.nfe for s in args.samplers] + [(REFERENCE, process.T)]
+    times: dict[str, list[float]] = {f"{s}_{b}": [] for s, b in jobs}
+    load_start = loadavg()
+    for r in range(args.rounds):
+        for s, b in jobs:
+            t = time.perf_counter()
+            with torch.no_grad():
+                generate(cfg, model, process, args.n, args.seed, args.n, s, b, args.grid)
+            times[f"{s}_{b}"].append((time.perf_counter() - t) / args.n)
+        log(f"timing round {r + 1}/{args.rounds} done (load {loadavg()[0]})")
+    write_json(args.out / "timing.json", {
+        "arm": arm, "checkpoint": str(ckpt), "n": args.n, "rounds": args.rounds, "threads": args.threads,
+        "grid": args.grid, "per_image_s": {k: stats.median(v) for k, v in times.items()}, "all_s": times,
+        "loadavg_start": load_start, "loadavg_end": loadavg(), "command": command_line(),
+        "date": time.strftime("%Y-%m-%d %H:%M")})
+    log(f"timing: {args.out / 'timing.json'}")
+
+
 # ----------------------------------------------------------------- report
 
 
@@ -269,10 +301,15 @@ def report(args) -> None:
     figures["sampler_best_nfe5"] = best5
     if best10 is not None:
         figures["sampler_adaptive_vs_best_fid_c10_ratio_nfe10"] = ratio_to(by_arm, "adaptive", 10, (best10, 10))
+    timed = json.loads((args.out / "timing.json").read_text()) if (args.out / "timing.json").is_file() else None
     for s in samplers + [REFERENCE]:
-        walls = [r["wall_s_per_image"] for cells in by_arm.values() for k, r in cells.items()
-                 if k[0] == s and (k[1] == 20 or s == REFERENCE)]
         key = f"sampler_wall_s_per_image_{REFERENCE}" if s == REFERENCE else f"sampler_wall_s_per_image_nfe20_{s}"
+        if timed is not None:  # side by side (``--timing``): the figures to compare
+            walls = [v for k, v in timed["per_image_s"].items()
+                     if k.rsplit("_", 1)[0] == s and (s == REFERENCE or k.rsplit("_", 1)[1] == "20")]
+        else:
+            walls = [r["wall_s_per_image"] for cells in by_arm.values() for k, r in cells.items()
+                     if k[0] == s and (k[1] == 20 or s == REFERENCE)]
         if walls:
             figures[key] = mean(walls)
     figures["sampler_fid_c10_n"] = n[0] if len(n) == 1 else n
@@ -304,6 +341,19 @@ def report(args) -> None:
         if ref:
             lines.append(f"| {ref_name(cells)} | {ref['fid_c10']:.3f} ({ref['nfe']} ev, "
                          f"{ref['wall_s_per_image'] * 1e3:.1f} ms/image) |" + " |" * (len(budgets) - 1))
+        lines.append("")
+    if timed is not None:
+        keys = list(timed["per_image_s"])
+        lines += ["## Wall time per image, side by side", "",
+                  f"`{timed['checkpoint']}`, {timed['n']} images per batch, {timed['threads']} torch thread(s), "
+                  f"the median of {timed['rounds']} rounds that each time every cell in turn (load "
+                  f"{timed['loadavg_start'][0]} at the start, {timed['loadavg_end'][0]} at the end; `{timed['command']}`, "
+                  f"{timed['date']}). The milliseconds in the tables above were measured under the load their long "
+                  "runs met; compare these.", "", "| sampler and budget | ms per image | ms per evaluation |", "|---|---|---|"]
+        for k in keys:
+            s_, b_ = k.rsplit("_", 1)
+            nfe = int(b_) if s_ != "heun" else 2 * ((int(b_) + 1) // 2) - 1
+            lines.append(f"| {k} | {timed['per_image_s'][k] * 1e3:.2f} | {timed['per_image_s'][k] * 1e3 / nfe:.3f} |")
         lines.append("")
     lines += ["## Figures (bench/results.json)", "", "| key | value |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in figures.items()]
@@ -340,14 +390,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="aggregate the results: report.md, plot, results.json")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the results file --report merges into")
     ap.add_argument("--no-merge", action="store_true", help="--report without touching the results file")
+    ap.add_argument("--timing", action="store_true", help="time every cell side by side on --n images of the first "
+                    "arm (no fid_c10): <out>/timing.json, which --report prefers for wall time")
+    ap.add_argument("--rounds", type=int, default=3, help="--timing: rounds, the median kept")
     args = ap.parse_args(argv)
     from akod_ray.config import SAMPLERS as KNOWN
 
     bad = [s for s in args.samplers if s not in KNOWN or s == REFERENCE]
     if bad:
         ap.error(f"--samplers: unknown or reference sampler(s) {bad}; choose from {KNOWN[1:]}")
+    if args.rounds < 1 or args.n < 1:
+        ap.error(f"--rounds and --n must be >= 1, got {args.rounds} and {args.n}")
     if args.report:
         report(args)
+    elif args.timing:
+        timing(args)
     else:
         run(args)
     return 0

@@ -75,3 +75,32 @@ def test_bench_runs_resumes_and_reports(tmp_path, capsys):
     assert "sampler_adaptive_vs_best_fid_c10_ratio_nfe10" not in data  # no budget 10 measured
     assert data["sampler_fid_c10_n"] == 8 and "_details_sampling" in data and "sampler_best_nfe20" not in data
     assert (out / "report.md").is_file() and (out / "fid_c10_vs_nfe.png").stat().st_size > 5000
+
+
+def test_timing_times_every_cell_side_by_side_and_the_report_prefers_it(tmp_path):
+    from checkpoint_helpers import make_checkpoint
+
+    run = tmp_path / "arm_a"
+    make_checkpoint(run)
+    out, results = tmp_path / "bench", tmp_path / "results.json"
+    cell = [str(run), "--nfe", "20", "--samplers", "ddim", "heun", "--out", str(out)]
+    assert bench.main(cell + ["--n", "4", "--batch", "4", "--no-reference"]) == 0
+    assert bench.main(cell + ["--timing", "--n", "2", "--rounds", "2"]) == 0
+    timed = json.loads((out / "timing.json").read_text())
+    assert sorted(timed["per_image_s"]) == ["ddim_20", "ddpm_50", "heun_20"]  # DDPM over all T = 50 steps
+    assert all(len(v) == 2 and min(v) > 0 for v in timed["all_s"].values())
+    assert timed["per_image_s"]["ddim_20"] == pytest.approx(sorted(timed["all_s"]["ddim_20"])[0] / 2 + sorted(timed["all_s"]["ddim_20"])[1] / 2)
+    cells = {p.name for p in (out / "results").glob("*.json")}
+    assert cells == {"arm_a__ddim__20.json", "arm_a__heun__20.json"}  # timing writes no quality cell
+    assert bench.main(["--report", "--out", str(out), "--results", str(results)]) == 0
+    data = json.loads(results.read_text())
+    assert data["sampler_wall_s_per_image_nfe20_ddim"] == pytest.approx(timed["per_image_s"]["ddim_20"], abs=1e-5)
+    assert data["sampler_wall_s_per_image_ddpm"] == pytest.approx(timed["per_image_s"]["ddpm_50"], abs=1e-5)
+    md = (out / "report.md").read_text()
+    assert "## Wall time per image, side by side" in md and "| heun_20 |" in md
+
+
+def test_bad_rounds_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--timing", "--rounds", "0"])
+    assert e.value.code == 2 and "--rounds and --n must be >= 1" in capsys.readouterr().err
