@@ -259,7 +259,7 @@ def plot(by_arm: dict, samplers: list[str], path: Path) -> Path:
                     pts.append((mean([r["nfe"] for r in rs]), mean([r["fid_c10"] for r in rs])))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=s)
-                ticks.update(round(x) for x, _ in pts)
+                ticks.update(b for b in budgets if all(by_arm[a].get((s, b)) for a in members))  # budgets, not Heun's 2N - 1
         refs = [next((r for k, r in by_arm[a].items() if k[0] == REFERENCE), None) for a in members]
         if all(refs):
             ax.axhline(mean([r["fid_c10"] for r in refs]), color="k", ls="--", lw=1,
