@@ -115,12 +115,11 @@ def fid_of(cfg, model, process, n: int, seed: int, grid: str) -> float:
     """fid_c10 of n samples of ``model`` (the run's sampler, on ``grid``)."""
     import torch
 
-    from akod_ray.evaluation.fid import c10_activations, c10_implementation, default_c10_reference, frechet_distance, statistics
+    from akod_ray.evaluation.fid import default_c10_reference, fid_c10
     from akod_ray.evaluation.sampling import sample_as_configured
 
     images = sample_as_configured(cfg, model, process, n, torch.Generator().manual_seed(seed), "cpu", grid=grid)
-    return frechet_distance(statistics(c10_activations(images.float()), "samples", c10_implementation()),
-                            default_c10_reference())
+    return fid_c10(images.float(), default_c10_reference())
 
 
 def initial_fid(cfg, data) -> dict:

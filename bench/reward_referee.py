@@ -136,14 +136,13 @@ def denoised_features(model, process, cfg, images, bf16: bool) -> tuple[float, f
 def fid(model, process, cfg, n: int, steps: int, grid: str, seed: int) -> tuple[float, float]:
     import torch
 
-    from akod_ray.evaluation.fid import c10_activations, c10_implementation, default_c10_reference, frechet_distance, statistics
+    from akod_ray.evaluation.fid import default_c10_reference, fid_c10
     from akod_ray.evaluation.sampling import sample_as_configured
 
     t = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     images = sample_as_configured(cfg, model, process, n, g, "cpu", sampler="ddim", steps=steps, grid=grid)
-    acts = c10_activations(images.float())
-    value = frechet_distance(statistics(acts, "samples", c10_implementation()), default_c10_reference())
+    value = fid_c10(images.float(), default_c10_reference())
     return value, time.perf_counter() - t
 
 

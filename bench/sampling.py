@@ -107,8 +107,7 @@ def generate(cfg, model, process, n: int, seed: int, batch: int, sampler: str, b
 def measure(arm: str, ckpt: Path, sampler: str, budget: int, args, loaded: dict) -> dict:
     import torch
 
-    from akod_ray.evaluation.fid import (c10_activations, c10_implementation, default_c10_reference,
-                                         frechet_distance, statistics)
+    from akod_ray.evaluation.fid import default_c10_reference, fid_c10
     from akod_ray.evaluation.sampling import check_sampling
     from akod_ray.training.checkpoint import load_for_sampling
 
@@ -123,8 +122,7 @@ def measure(arm: str, ckpt: Path, sampler: str, budget: int, args, loaded: dict)
     wall = time.perf_counter() - t
     if not torch.isfinite(images).all():
         raise SystemExit(f"[sampling] {arm} {sampler} {budget}: non-finite images")
-    acts = c10_activations(images.float())
-    fid = frechet_distance(statistics(acts, "samples", c10_implementation()), default_c10_reference())
+    fid = fid_c10(images.float(), default_c10_reference())
     step = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True).get("step")
     return {"arm": arm, "checkpoint": str(ckpt), "step": step, "T": process.T, "budget": budget, **record,
             "n": args.n, "seed": args.seed, "batch": args.batch, "fid_c10": fid, "wall_s": wall,
