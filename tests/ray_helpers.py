@@ -284,8 +284,10 @@ def run_akod(start, args: list[str], timeout: float, name: str = "run") -> tuple
 
 
 def wait_for_registered_checkpoint(run_dir: Path, run: AkodRun, timeout: float,
-                                   mid: Callable[[int], bool] = lambda step: True) -> tuple[int, int, int]:
-    """Wait until the Train controller registered a checkpoint and rank 0 logged a later step.
+                                   mid: Callable[[int], bool] = lambda step: True,
+                                   beyond: int = 0) -> tuple[int, int, int]:
+    """Wait until the Train controller registered a checkpoint and rank 0 logged a step more than
+    ``beyond`` steps later, for which ``mid`` holds.
 
     Returns (latest registered checkpoint step, last logged step, rank 0's worker PID).
     A checkpoint counts once registered: the controller takes a worker's report from its
@@ -298,7 +300,7 @@ def wait_for_registered_checkpoint(run_dir: Path, run: AkodRun, timeout: float,
         ckpts = registered_checkpoints(run_dir)
         logged = [r["step"] for r in interval_records(run_dir)]
         pid = read_pid(Path(run_dir) / "workers" / "rank0.pid")
-        if ckpts and logged and pid and ckpts[-1] < logged[-1] and mid(logged[-1]) and pid_alive(pid):
+        if ckpts and logged and pid and ckpts[-1] + beyond < logged[-1] and mid(logged[-1]) and pid_alive(pid):
             return ckpts[-1], logged[-1], pid
         return None
 

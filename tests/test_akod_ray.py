@@ -36,6 +36,7 @@ from ray_helpers import (  # noqa: F401 - akod_runs is a fixture
 CONFIG = str(TUNE_CONFIGS / "tiny_akod.yaml")
 K = 10  # rl.segment_steps
 RESUMED = re.compile(r"\[akod\] resumed from the checkpoint at step (\d+)")
+REPLAYED = re.compile(r"\[akod\] replaying (\d+) answered segment\(s\), steps (\d+) to (\d+)")
 
 
 def akod_args(root, name: str, *layers: dict) -> list[str]:
@@ -148,8 +149,10 @@ def test_akod_survives_a_killed_train_worker(tmp_path, akod_runs):
         "train.steps": steps, "train.log_every": 1, "train.ckpt_every": every, "train.sample_every": steps,
         "train.max_failures": 2}), "akodfault")
 
-    # kill rank 0 mid-segment (its request in flight) after a checkpoint was registered
-    ckpt_seen, step_at_kill, pid = wait_for_registered_checkpoint(run_dir, run, 360, mid=lambda step: step % K != 0)
+    # kill rank 0 mid-segment (its request in flight) more than a segment after a registered checkpoint,
+    # so the restarted group has answered segments to replay
+    ckpt_seen, step_at_kill, pid = wait_for_registered_checkpoint(run_dir, run, 360, mid=lambda step: step % K != 0,
+                                                                  beyond=K)
     kill_pid(pid, run)
     assert step_at_kill < steps - 2 * K, "the kill must come before PPO's last iteration ends"
 
@@ -161,8 +164,18 @@ def test_akod_survives_a_killed_train_worker(tmp_path, akod_runs):
     assert len(resumed) == 1 and ckpt_seen <= resumed[0] <= step_at_kill, (resumed, ckpt_seen, step_at_kill)
     assert read_pid(run_dir / "workers" / "rank0.pid") != pid
 
-    # the request in flight at the kill was delivered again and answered once; no request was lost
+    # the request in flight at the kill was delivered again and answered once; no request was lost.
+    # Segments answered after the checkpoint the group resumed from were replayed, not posted again:
+    # every segment starts where the previous answered one ended (check_posted), at the same steps
+    # as an uninterrupted run
     posted = check_posted(run_dir, steps)
+    assert [p["step"] for p in posted] == [10, 20, 30, 40, 50, 60, 80]
+    replays = [tuple(map(int, m)) for m in REPLAYED.findall(run.stdout)]
+    answered_after = [p["step"] for p in posted if resumed[0] < p["step"] <= step_at_kill]
+    assert len(replays) == 1 if answered_after else len(replays) <= 1, replays  # the kill may land just past a segment end
+    for n, start, end in replays:
+        assert start == resumed[0] and end >= max(answered_after, default=start)
+        assert n == len([p for p in posted if start < p["step"] <= end]), (replays, posted)
     check_iterations(run_dir, posted)
     broker = torch.load(run_dir / "rl" / "broker_state.pt", weights_only=True)
     assert broker["num_redelivered"] >= 1

@@ -159,6 +159,29 @@ def test_state_round_trip_with_pending_in_flight_and_answered_requests():
         b.set_state({"next_id": 0})
 
 
+def test_answered_trunk_segments_are_kept_for_a_restarted_group_to_replay():
+    """A restarted group resumes from a checkpoint that can be behind the answered segments: the
+    broker hands back every trunk segment ending after that step, with its schedule, in step order."""
+    c = client("replay")
+    rids = [c.submit(schedule(i)) for i in range(5)]
+    for rid, step, kind in zip(rids, (10, 20, 20, 30), ("trunk", "trunk", "branch", "trunk")):
+        assert c.next_request(5.0)[0] == rid
+        c.post_result(rid, {"reward": 0.1, "step": step, "kind": kind})
+    assert c.next_request(5.0)[0] == rids[4]  # in flight: not answered, so not replayed (it is re-delivered)
+    assert c.replay_from(10) == [[rids[1], schedule(1), 20], [rids[3], schedule(3), 30]]  # a branch moves no trunk
+    assert c.replay_from(30) == [] and c.replay_from(0)[0] == [rids[0], schedule(0), 10]
+
+    buf = io.BytesIO()
+    torch.save(c.get_state(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    d = client("replay-restored")
+    assert d.set_state(state) is True and d.replay_from(10) == c.replay_from(10)  # a restarted driver replays too
+    del state["trunk_log"]  # a state written before replay existed still loads
+    e = client("replay-old-state")
+    assert e.set_state(state) is True and e.replay_from(0) == []
+
+
 def test_close_wakes_every_waiter_and_later_calls_fail_fast():
     c = client("close", timeout_s=60.0)
     rid = c.submit(schedule(0))

@@ -22,6 +22,15 @@ Timeouts. Every wait takes a timeout in seconds. ``next_request`` returns None o
 broker records every worker contact (next_request, post_result, heartbeat), so the env
 tells "workers gone" (silent for the whole timeout) apart from "slow" (still heartbeating).
 
+Replay. A restarted group resumes from the latest checkpoint Ray Train registered, which
+can be a segment or more behind the step the killed group reached: segments it trained and
+answered after that checkpoint are gone from the weights, but their rewards already reached
+PPO. The broker keeps every answered trunk segment (:class:`TrunkLog`); the new rank 0 asks
+``replay_from(step)`` for those that end after its checkpoint and trains them again with
+their own schedules, without posting, before it takes the requests in flight. The trunk then
+stands where the killed group left it, and the next segment starts where the previous
+answered one ended.
+
 Closing. ``close()`` wakes every waiter; afterwards every wait fails fast with
 :class:`BrokerClosedError`.
 
@@ -47,6 +56,7 @@ from akod_ray.errors import BrokerTimeoutError
 STATE_VERSION = 1
 MAX_UNCLAIMED_RESULTS = 256  # results nobody waits for (after a restore, a cancel) are kept, bounded
 RPC_SLACK_S = 30.0  # extra time for the actor call itself on top of the wait it was asked for
+MAX_TRUNK_LOG = 256  # answered trunk segments kept for a restarted group to replay (TrunkLog)
 POLL_S = 5.0  # longest single wait_result call of the client; it re-checks worker liveness in between
 
 
@@ -63,6 +73,34 @@ def broker_name(run_id: str) -> str:
 
 def _now() -> float:
     return time.monotonic()
+
+
+class TrunkLog:
+    """The schedules of the trunk segments answered so far, by the step each ended at (bounded).
+
+    A result with ``kind == "trunk"`` (a segment the trunk trained: an episode without branches,
+    a ``trunk`` or ``final`` request) is recorded with the schedule it was trained with.
+    """
+
+    def __init__(self, entries: list | None = None):
+        self._entries: OrderedDict[int, dict] = OrderedDict()
+        for rid, schedule, end_step in entries or []:
+            self._entries[int(rid)] = {"schedule": dict(schedule), "end_step": int(end_step)}
+
+    def record(self, request_id: int, schedule: dict | None, result: dict) -> None:
+        if schedule is None or result.get("kind") != "trunk" or not isinstance(result.get("step"), int):
+            return
+        self._entries[request_id] = {"schedule": schedule, "end_step": result["step"]}
+        while len(self._entries) > MAX_TRUNK_LOG:
+            self._entries.popitem(last=False)
+
+    def after(self, step: int) -> list[list]:
+        """``[request_id, schedule, end_step]`` of the answered segments ending after ``step``, in step order."""
+        out = [[rid, e["schedule"], e["end_step"]] for rid, e in self._entries.items() if e["end_step"] > step]
+        return sorted(out, key=lambda row: row[2])
+
+    def state(self) -> list[list]:
+        return [[rid, e["schedule"], e["end_step"]] for rid, e in self._entries.items()]
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)
@@ -85,6 +123,7 @@ class ScheduleBroker:
         self._worker_seen: float | None = None  # monotonic time of the last worker contact
         self._worker_info: dict = {}
         self._policy: dict | None = None  # the DKO weights and context the driver published last
+        self._trunk = TrunkLog()  # answered trunk segments, for a restarted group to replay
 
     # ------------------------------------------------------------------ policy (driver -> checkpoints)
 
@@ -186,8 +225,9 @@ class ScheduleBroker:
             self._touch_worker()
             if request_id not in self._waited or request_id in self._results:
                 return False
-            self._in_flight.pop(request_id, None)
-            self._pending.pop(request_id, None)  # answered by a worker of the old group after a resume
+            taken = self._in_flight.pop(request_id, None)
+            pending = self._pending.pop(request_id, None)  # answered by a worker of the old group after a resume
+            self._trunk.record(request_id, taken["schedule"] if taken else pending, result)
             self._latest_result = dict(result, request_id=request_id)
             self._results[request_id] = dict(result)
             self._num_answered += 1
@@ -196,6 +236,12 @@ class ScheduleBroker:
                 self._waited.discard(old)
             self._cond.notify_all()
             return True
+
+    async def replay_from(self, step: int) -> list[list]:
+        """The answered trunk segments ending after ``step`` (a restarted group's checkpoint step):
+        ``[request_id, schedule, end_step]``, in step order; see the module docstring, Replay."""
+        self._touch_worker()
+        return self._trunk.after(int(step))
 
     async def heartbeat(self, info: dict | None = None) -> None:
         """A sign of life from the workers (rank 0 calls it every few seconds of training)."""
@@ -252,6 +298,7 @@ class ScheduleBroker:
             "latest_result": self._latest_result,
             "num_answered": self._num_answered,
             "num_redelivered": self._num_redelivered,
+            "trunk_log": self._trunk.state(),
         }
 
     async def set_state(self, state: dict, only_if_fresh: bool = False) -> bool:
@@ -276,6 +323,7 @@ class ScheduleBroker:
             self._latest_result = None if state["latest_result"] is None else dict(state["latest_result"])
             self._num_answered = int(state["num_answered"])
             self._num_redelivered = int(state["num_redelivered"])
+            self._trunk = TrunkLog(state.get("trunk_log"))  # absent from states written before replay existed
             self._cond.notify_all()
             return True
 
@@ -410,6 +458,10 @@ class BrokerClient:
     def post_result(self, request_id: int, result: dict) -> bool:
         return bool(self._get(self.handle.post_result.remote(request_id, result), 0.0, "post_result"))
 
+    def replay_from(self, step: int) -> list[list]:
+        """Rank 0 after a restart: see :meth:`ScheduleBroker.replay_from`."""
+        return self._get(self.handle.replay_from.remote(step), 0.0, "replay_from")
+
     def heartbeat(self, info: dict | None = None) -> None:
         """Fire and forget: never blocks the training loop."""
         self.handle.heartbeat.remote(info)
@@ -439,4 +491,4 @@ class BrokerClient:
 
 
 
-__all__ = ["BrokerClient", "BrokerClosedError", "ScheduleBroker", "broker_name", "get_or_create_broker"]
+__all__ = ["BrokerClient", "BrokerClosedError", "ScheduleBroker", "TrunkLog", "broker_name", "get_or_create_broker"]

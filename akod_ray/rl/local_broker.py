@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 
 from akod_ray.errors import BrokerTimeoutError
-from akod_ray.rl.broker import BrokerClosedError
+from akod_ray.rl.broker import BrokerClosedError, TrunkLog
 
 
 _REGISTRY: dict[str, "LocalBroker"] = {}
@@ -41,6 +41,8 @@ class LocalBroker:
         self._next_id = 0
         self._pending: OrderedDict[int, dict] = OrderedDict()
         self._results: dict[int, dict] = {}
+        self._taken: dict[int, dict] = {}  # taken by the loop, not answered
+        self._trunk = TrunkLog()
         self._latest: dict | None = None
         self._policy: dict | None = None
         self._closed: str | None = None
@@ -81,15 +83,23 @@ class LocalBroker:
             self._raise_if_closed("next_request")
             if not self._pending:
                 return None
-            return self._pending.popitem(last=False)
+            rid, schedule = self._pending.popitem(last=False)
+            self._taken[rid] = schedule
+            return rid, schedule
 
     def post_result(self, request_id: int, result: dict) -> bool:
         with self._cond:
             self._worker_seen = time.monotonic()
+            self._trunk.record(request_id, self._taken.pop(request_id, None), result)
             self._results[request_id] = dict(result)
             self._latest = dict(result)
             self._cond.notify_all()
             return True
+
+    def replay_from(self, step: int) -> list[list]:
+        """The answered trunk segments ending after ``step`` (see :class:`~akod_ray.rl.broker.TrunkLog`)."""
+        with self._cond:
+            return self._trunk.after(int(step))
 
     def heartbeat(self, info: dict | None = None) -> None:
         with self._cond:

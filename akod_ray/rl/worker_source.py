@@ -12,6 +12,10 @@ episode    a schedule the PPO env proposed. Without branches (``rl.branches = 0`
 trunk      the deterministic DKO schedule the driver sends after each PPO update (branch mode):
            the trunk trains a segment with it, and rank 0 posts the segment's result.
 final      the deterministic learned schedule when PPO's budget is spent: the rest of the run.
+replay     (rank 0's own, after a restart) a trunk segment the killed group trained and answered
+           after the checkpoint this group resumed from: trained again with its own schedule up to
+           the step it ended at, and not posted again (its reward already reached PPO); see
+           :mod:`akod_ray.rl.broker`, Replay. The requests in flight come after the replays.
 =========  ==================================================================================
 
 Every result carries the reward probe's profiles before and after the proposal (what the reward
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -38,7 +43,7 @@ from akod_ray.training.loop import Segment, Trunk
 
 HEARTBEAT_EVERY_S = 5.0
 POLL_S = 5.0
-KINDS = ("episode", "trunk", "final")
+KINDS = ("episode", "trunk", "final", "replay")
 
 
 class BrokerSchedule:
@@ -57,9 +62,20 @@ class BrokerSchedule:
         self._requests: dict[int, dict] = {}  # rank 0: request metadata to echo in its result
         self._policy: dict | None = None  # the DKO state restored from a checkpoint, until the driver publishes
         self._segment_policy: dict | None = None  # the DKO state of the trunk's current (deterministic) schedule
+        self._replay: deque = deque()  # rank 0: answered segments to train again after a restart
+        self._replay_asked = False
 
-    def _take(self) -> tuple[int, str, list[float]]:
-        """Rank 0: wait for the next request, giving up after rl.broker_timeout_s of silence."""
+    def _take(self, step: int, steps_left: int) -> tuple[int, str, list[float], int]:
+        """Rank 0: the next segment ``(request_id, kind, betas, length)``: first the replays (the first
+        call only asks for them), then requests, waiting up to rl.broker_timeout_s of silence."""
+        if not self._replay_asked:
+            self._replay_asked = True
+            self._replay = deque(self.client.replay_from(step))
+            self._check_replay(step)
+        if self._replay:
+            rid, schedule, end_step = self._replay.popleft()
+            self._requests[rid] = {"dko": schedule.get("dko")}
+            return rid, "replay", schedule["betas"], end_step - step
         start = time.monotonic()
         while True:
             req = self.client.next_request(POLL_S, resume=self.first_request)
@@ -69,35 +85,52 @@ class BrokerSchedule:
                 kind = "final" if schedule.get("final") else schedule.get("kind", "episode")
                 self._requests[rid] = {"context": schedule.get("context"), "dko": schedule.get("dko"),
                                        "knot_logsnr": schedule.get("knot_logsnr")}
-                return rid, kind, schedule["betas"]
+                return rid, kind, schedule["betas"], steps_left if kind == "final" else min(self.K, steps_left)
             if time.monotonic() - start > self.cfg.rl.broker_timeout_s:
                 raise BrokerTimeoutError(
                     f"the PPO learner sent no schedule within rl.broker_timeout_s={self.cfg.rl.broker_timeout_s} s "
                     "(the trial driver is gone or stuck)")
 
-    def _receive(self) -> tuple[int, str, DiffusionProcess]:
-        msg = torch.zeros(self.T + 2, dtype=torch.float64, device=self.env.device)
+    def _check_replay(self, step: int) -> None:
+        """Rank 0: say what is replayed, and warn when the replay cannot restore the killed group's
+        trunk exactly (segments longer than rl.segment_steps: the broker's log was truncated)."""
+        if not self._replay:
+            return
+        ends = [step] + [end for _, _, end in self._replay]
+        print(f"[akod] replaying {len(self._replay)} answered segment(s), steps {step} to {ends[-1]}, trained "
+              "after the checkpoint this restart resumed from", flush=True)
+        long = [(a, b) for (a, b), (_, schedule, _) in zip(zip(ends, ends[1:]), self._replay)
+                if b - a > self.K and not schedule.get("final")]
+        if long:
+            print(f"[akod] warning: replayed segments {long} are longer than rl.segment_steps={self.K}; "
+                  "the trunk will differ from the one the killed group trained", flush=True)
+
+    def _receive(self, step: int, steps_left: int) -> tuple[int, str, DiffusionProcess, int]:
+        msg = torch.zeros(self.T + 3, dtype=torch.float64, device=self.env.device)
         if self.env.rank == 0:
-            rid, kind, betas = self._take()
-            msg[0], msg[1] = rid, KINDS.index(kind)
-            msg[2:] = torch.tensor(betas, dtype=torch.float64)
+            rid, kind, betas, length = self._take(step, steps_left)
+            msg[0], msg[1], msg[2] = rid, KINDS.index(kind), length
+            msg[3:] = torch.tensor(betas, dtype=torch.float64)
         msg = self.env.broadcast(msg).cpu()
-        return int(msg[0].item()), KINDS[int(msg[1].item())], DiffusionProcess(msg[2:].clone())
+        return (int(msg[0].item()), KINDS[int(msg[1].item())], DiffusionProcess(msg[3:].clone()),
+                int(msg[2].item()))
 
     def next_segment(self, step: int, steps_left: int, trunk: Trunk) -> Segment:
         while True:
-            rid, kind, process = self._receive()
+            rid, kind, process, length = self._receive(step, steps_left)
             if kind == "episode" and self.cfg.rl.branches > 0:
                 before = trunk.reward_profile()
                 scored = trunk.branch(process, self.cfg.rl.branch_steps)
                 # the trunk did not move: its state (the DKO's next observation) is the branch's start
                 self._post(rid, before, before, {**scored, "kind": "branch"})
                 continue
-            self._before = trunk.reward_profile()  # cached: the previous segment's end computed it
             dko = (self._requests.get(rid) or {}).get("dko")
             if dko is not None:  # the DKO state that made this deterministic schedule: what checkpoints store
                 self._segment_policy = dko
-            length = steps_left if kind == "final" else min(self.K, steps_left)
+            if kind == "replay":  # answered before the restart: trained again, not posted
+                self._requests.pop(rid, None)
+                return Segment(process, length, None)
+            self._before = trunk.reward_profile()  # cached: the previous segment's end computed it
             return Segment(process, length, rid)
 
     def finish_segment(self, segment: Segment, result: dict) -> None:
