@@ -135,7 +135,7 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str:
     return path.name
 
 
-def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float, sampler: str = "DDIM-20") -> list[str]:
+def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float, sampler: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -96,8 +96,7 @@ class TrunkLog:
 
     def after(self, step: int) -> list[list]:
         """``[request_id, schedule, end_step]`` of the answered segments ending after ``step``, in step order."""
-        out = [[rid, e["schedule"], e["end_step"]] for rid, e in self._entries.items() if e["end_step"] > step]
-        return sorted(out, key=lambda row: row[2])
+        return sorted((row for row in self.state() if row[2] > step), key=lambda row: row[2])
 
     def state(self) -> list[list]:
         return [[rid, e["schedule"], e["end_step"]] for rid, e in self._entries.items()]
