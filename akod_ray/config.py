@@ -37,6 +37,7 @@ BUDGET_CLOCKS = ("wall", "cpu")
 # takes per-image steps from sigma_local (akod_ray/diffusion/solvers.py, adaptive.py)
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc", "euler", "heun", "adaptive")
 SAMPLING_GRIDS = ("common", "own")
+NOISE_CONDS = ("level", "schedule")
 BUDGET_KINDS = ("images", "seconds")
 
 
@@ -131,6 +132,12 @@ class ModelConfig:
     msfi: bool = True  # Multi-Scale Feature Integrator in the bottleneck (off: plain DDPM U-Net)
     beta_modulation: bool = True  # beta_t / log-SNR FiLM on the noise-prediction layer
     msfi_ffn_mult: int = 2  # hidden width of the MSFI feed-forward net, in bottleneck widths
+    # What the MSFI and the modulation read besides log-SNR: level (neighbours at log-SNR +- level_offset and the beta of
+    # a step of that size, computed from the noise level alone, so the network is the same function on any sampling grid)
+    # | schedule (log-SNR of the training schedule's steps t-1, t+1 and its beta_t: version 1-2 checkpoints, tied to their
+    # schedule; akod_ray/models/unet.py)
+    noise_cond: str = "level"
+    level_offset: float = 0.02  # log-SNR between the MSFI's neighbouring levels (one step of a 1,000-step grid uniform in log-SNR)
 
     def __post_init__(self) -> None:
         _check(len(self.channels) == 4, "model.channels", "must list 4 widths (four down/up blocks)", self.channels)
@@ -152,6 +159,9 @@ class ModelConfig:
         _check(self.msfi_ffn_mult >= 1, "model.msfi_ffn_mult", "must be >= 1", self.msfi_ffn_mult)
         _at_most("model.msfi_ffn_mult", self.msfi_ffn_mult * self.bottleneck_channels, MAX_WIDTH * 4,
                  "model.msfi_ffn_mult * model.bottleneck_channels: a memory-sized limit")
+        _check(self.noise_cond in NOISE_CONDS, "model.noise_cond", f"must be one of {NOISE_CONDS}", self.noise_cond)
+        _finite("model.level_offset", self.level_offset)
+        _check(0.0 < self.level_offset <= 5.0, "model.level_offset", "must be in (0, 5]", self.level_offset)
 
 
 @dataclass(frozen=True)
@@ -590,6 +600,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 RENAMED = {("eval", "ddim_steps"): "sampler_steps"}  # configs (and checkpoints) written before the rename still load
+# What a checkpoint's stored config meant by a field it does not have: the behaviour of the code that wrote it
+# (a file config without the field gets today's default)
+CHECKPOINT_DEFAULTS = {("model", "noise_cond"): "schedule"}
 
 
 def config_from_dict(data: dict) -> Config:

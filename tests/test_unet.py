@@ -9,10 +9,10 @@ import torch
 
 from akod_ray.config import ModelConfig
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.schedules import linear_betas
+from akod_ray.diffusion.schedules import cosine_betas, laplace_betas, linear_betas, uniform_logsnr_betas
 from akod_ray.models.layers import LogSNREmbedding, group_norm
 from akod_ray.models.msfi import MSFI
-from akod_ray.models.unet import UNet, count_parameters
+from akod_ray.models.unet import UNet, count_parameters, level_cond
 from akod_ray.training.step import StepOptions, make_optimizer, train_step
 
 # ModelConfig() defaults: channels (128, 256, 256, 512), bottleneck 512, 2 res blocks, attention
@@ -88,7 +88,7 @@ def test_plain_unet_reads_only_log_snr_t(tiny_model_config, perturb_zero_init):
 
 
 def test_msfi_reads_the_neighbouring_noise_levels(tiny_model_config, perturb_zero_init):
-    cfg = dataclasses.replace(tiny_model_config, msfi=True, beta_modulation=False)
+    cfg = dataclasses.replace(tiny_model_config, msfi=True, beta_modulation=False, noise_cond="schedule")
     model = perturb_zero_init(UNet(cfg)).eval()
     assert output_changes(model, 1) and output_changes(model, 2)
     assert not output_changes(model, 3)
@@ -96,7 +96,7 @@ def test_msfi_reads_the_neighbouring_noise_levels(tiny_model_config, perturb_zer
 
 def test_msfi_is_the_identity_at_init(tiny_model_config, perturb_zero_init):
     """Everything perturbed except the MSFI's zero output layer: F(t-1), F(t+1) do not matter yet."""
-    cfg = dataclasses.replace(tiny_model_config, msfi=True, beta_modulation=False)
+    cfg = dataclasses.replace(tiny_model_config, msfi=True, beta_modulation=False, noise_cond="schedule")
     model = UNet(cfg).eval()
     saved = [p.detach().clone() for p in model.msfi.ffn_out.parameters()]
     perturb_zero_init(model)
@@ -109,10 +109,48 @@ def test_msfi_is_the_identity_at_init(tiny_model_config, perturb_zero_init):
 
 
 def test_beta_modulation_reads_beta(tiny_model_config, perturb_zero_init):
-    cfg = dataclasses.replace(tiny_model_config, msfi=False, beta_modulation=True)
+    cfg = dataclasses.replace(tiny_model_config, msfi=False, beta_modulation=True, noise_cond="schedule")
     model = perturb_zero_init(UNet(cfg)).eval()
     assert output_changes(model, 3)
     assert not output_changes(model, 1) and not output_changes(model, 2)
+
+
+@pytest.mark.parametrize("msfi,beta_modulation", [(True, True), (True, False), (False, True)])
+def test_level_conditioned_akod_unet_reads_only_the_noise_level(tiny_model_config, perturb_zero_init, msfi,
+                                                                 beta_modulation):
+    cfg = dataclasses.replace(tiny_model_config, msfi=msfi, beta_modulation=beta_modulation, noise_cond="level")
+    model = perturb_zero_init(UNet(cfg)).eval()
+    assert output_changes(model, 0)
+    for col in (1, 2, 3):
+        assert not output_changes(model, col), f"level-conditioned U-Net output depends on cond column {col}"
+
+
+def test_akod_unet_gives_the_same_output_for_a_noise_level_on_any_grid(tiny_model_config, perturb_zero_init):
+    """Issue 21, item 6: the same noise level through two schedules' conditioning (laplace, the training
+    schedule of the experiment, and cosine, another grid): the level-conditioned AKOD U-Net gives the same
+    output to the bit; the schedule-conditioned one (versions 1-2) does not."""
+    lam = torch.tensor([4.0, 1.3, 0.0, -0.7, -5.0], dtype=torch.float64)
+    a = DiffusionProcess(laplace_betas(1000, 9.21, -10.13, 0.75)).cond_at_logsnr(lam)
+    b = DiffusionProcess(cosine_betas(1000)).cond_at_logsnr(lam)
+    assert torch.equal(a[:, 0], b[:, 0]) and not torch.allclose(a[:, 1:], b[:, 1:])
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    level = perturb_zero_init(UNet(dataclasses.replace(tiny_model_config, noise_cond="level"))).eval()
+    old = perturb_zero_init(UNet(dataclasses.replace(tiny_model_config, noise_cond="schedule"))).eval()
+    with torch.no_grad():
+        assert torch.equal(level(x, a), level(x, b))
+        assert not torch.allclose(old(x, a), old(x, b))
+
+
+def test_level_cond_is_a_step_of_a_grid_uniform_in_log_snr():
+    """Closed form: on a grid uniform in log-SNR whose steps are level_offset apart, a step's neighbours
+    and beta_t are exactly what level_cond computes from its noise level."""
+    T, hi, lo = 1000, 9.21, -10.13
+    p = DiffusionProcess(uniform_logsnr_betas(T, hi, lo))
+    t = torch.arange(1, T - 1)
+    offset = (hi - lo) / (T - 1)
+    got = level_cond(p.log_snr[t], offset).double()
+    want = torch.stack([p.log_snr[t], p.log_snr[t - 1], p.log_snr[t + 1], p.betas[t]], dim=1)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
 # Widths of 64: GroupNorm(32) then has 2 channels a group. At widths <= 32 every group is one
@@ -187,3 +225,20 @@ def test_log_snr_embedding_separates_nearby_noise_levels():
 def test_group_norm_uses_32_groups_where_the_width_allows():
     assert {c: group_norm(c).num_groups for c in (8, 16, 24, 48, 64, 128, 512)} == {
         8: 8, 16: 16, 24: 8, 48: 16, 64: 32, 128: 32, 512: 32}
+
+
+def test_a_checkpoint_from_before_level_conditioning_keeps_its_schedule_conditioning(tmp_path):
+    """A checkpoint whose stored config predates model.noise_cond was trained on the schedule's columns and
+    loads so; a new config gets the level conditioning."""
+    from checkpoint_helpers import checkpoint_state, make_checkpoint, tiny_config
+
+    from akod_ray.training.checkpoint import load_for_sampling
+
+    cfg = tiny_config(tmp_path, "old")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, msfi=True, beta_modulation=True))
+    state = checkpoint_state(cfg)
+    del state["config"]["model"]["noise_cond"]
+    folder = make_checkpoint(tmp_path / "old", state, cfg=cfg)
+    assert load_for_sampling(folder)[2].model.noise_cond == "schedule"
+    assert load_for_sampling(make_checkpoint(tmp_path / "new", checkpoint_state(cfg), cfg=cfg))[2].model.noise_cond \
+        == "level"

@@ -4,6 +4,16 @@ and the beta_t / log-SNR modulated noise-prediction layer.
 Input: x_t [B, 3, H, W] and cond [B, 4] = (log-SNR_t, log-SNR_{t-1}, log-SNR_{t+1}, beta_t)
 from ``DiffusionProcess.noise_cond``. With ``msfi`` and ``beta_modulation`` off it reads only
 log-SNR_t and is a plain DDPM U-Net: the baseline arms use the same code.
+
+What the MSFI and the modulation read besides log-SNR_t (``model.noise_cond``):
+
+level     (the default) the network computes the other three columns from log-SNR_t alone
+          (:func:`level_cond`): the neighbouring levels log-SNR_t +- ``model.level_offset`` and the
+          beta of a step between them. The AKOD U-Net is then one function of (x_t, noise level),
+          whatever schedule it trained with or grid it samples on.
+schedule  the columns as given: the training schedule's steps t - 1 and t + 1 and its beta_t
+          (versions 1 and 2). A network trained so is tied to its schedule: sampled on another grid
+          it reads values interpolated from that schedule (BENCHMARKS.md, version 2 of the experiment).
 """
 
 from __future__ import annotations
@@ -15,6 +25,15 @@ import torch.nn.functional as F
 from akod_ray.config import ModelConfig
 from akod_ray.models.layers import AttentionBlock, Conv2d, Downsample, LogSNREmbedding, ResBlock, Upsample, group_norm, zero_module
 from akod_ray.models.msfi import MSFI
+
+
+def level_cond(log_snr: torch.Tensor, offset: float) -> torch.Tensor:
+    """[B, 4] float32 from the noise level alone: (lambda, lambda + offset, lambda - offset, beta), with
+    beta = 1 - sigmoid(lambda) / sigmoid(lambda + offset), the beta_t of a step from log-SNR lambda + offset
+    down to lambda (abar = sigmoid(log-SNR))."""
+    lam = log_snr.float()
+    beta = -torch.expm1(F.logsigmoid(lam) - F.logsigmoid(lam + offset))
+    return torch.stack([lam, lam + offset, lam - offset, beta], dim=1)
 
 
 class Bottleneck(nn.Module):
@@ -93,6 +112,8 @@ class UNet(nn.Module):
         self.conv_out = zero_module(Conv2d(ch, in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.cfg.noise_cond == "level" and (self.msfi is not None or self.modulation is not None):
+            cond = level_cond(cond[:, 0], self.cfg.level_offset)
         emb = self.embed(cond[:, 0])
         h = self.conv_in(x)
         skips = []

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from akod_ray.config import Config, config_from_dict
+from akod_ray.config import CHECKPOINT_DEFAULTS, Config, config_from_dict
 from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.diffusion.schedules import validate_betas
 from akod_ray.errors import CheckpointError, ConfigError
@@ -106,8 +106,15 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 
 def config_of(state: dict, where: str = "checkpoint") -> Config:
+    """The config a checkpoint was trained with; fields it predates keep the meaning they had then
+    (:data:`akod_ray.config.CHECKPOINT_DEFAULTS`)."""
+    stored = state["config"]
+    for (section, name), value in CHECKPOINT_DEFAULTS.items():
+        part = stored.get(section)
+        if isinstance(part, dict) and name not in part:
+            stored = {**stored, section: {**part, name: value}}
     try:
-        return config_from_dict(state["config"])
+        return config_from_dict(stored)
     except ConfigError as e:
         raise CheckpointError(f"{where}: stored config is invalid: {e}") from None
 
