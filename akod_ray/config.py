@@ -104,6 +104,9 @@ class DiffusionConfig:
     schedule: str = "linear"
     schedule_file: str | None = None  # schedule .json exported by an AKOD run, with schedule=file
     laplace_scale: float = 0.75  # scale of the laplace schedule (the best of 0.75, 1, 2 in a sweep: BENCHMARKS.md, "The pilot")
+    # centre of the laplace schedule in log-SNR (Hang et al.: 0); > 0 trains more on low noise, < 0 on high noise. The
+    # schedule must stay valid (beta_t <= 0.999 at its last step): the more concentrated, the less it may move up.
+    laplace_loc: float = 0.0
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None = L_simple
 
     def __post_init__(self) -> None:
@@ -117,6 +120,9 @@ class DiffusionConfig:
         _plain_text("diffusion.schedule_file", self.schedule_file)
         _finite("diffusion.laplace_scale", self.laplace_scale)
         _check(0.05 <= self.laplace_scale <= 100, "diffusion.laplace_scale", "must be in [0.05, 100]", self.laplace_scale)
+        _finite("diffusion.laplace_loc", self.laplace_loc)
+        _check(-20.0 <= self.laplace_loc <= 20.0, "diffusion.laplace_loc", "must be in [-20, 20] (log-SNR)",
+               self.laplace_loc)
         if self.min_snr_gamma is not None:
             _finite("diffusion.min_snr_gamma", self.min_snr_gamma)
             _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null", self.min_snr_gamma)
@@ -485,9 +491,11 @@ class Config:
             from akod_ray.diffusion.schedules import anchor_betas
 
             try:
-                anchor_betas(d.schedule, d.T, self.dko.logsnr_max, self.dko.logsnr_min, d.laplace_scale)
+                anchor_betas(d.schedule, d.T, self.dko.logsnr_max, self.dko.logsnr_min, d.laplace_scale, d.laplace_loc)
             except ValueError as e:
                 field_name = "diffusion.laplace_scale" if d.schedule == "laplace" else "diffusion.T"
+                if d.schedule == "laplace" and d.laplace_loc != 0.0 and _valid_laplace(self, d.laplace_scale, 0.0):
+                    field_name = "diffusion.laplace_loc"  # the same scale centred at 0 is valid: the centre is at fault
                 raise ConfigError(f"{field_name}: the {d.schedule} schedule is invalid for diffusion.T={d.T} within "
                                   f"[dko.logsnr_min, dko.logsnr_max]: {e}") from None
         _check(ev.fid_samples >= tc.num_workers, "eval.fid_samples", f"must be >= train.num_workers={tc.num_workers} "
@@ -503,6 +511,10 @@ class Config:
             _at_most("sweep.budget", self.sweep.budget, MAX_STEPS * tc.batch_size,
                      f"{MAX_STEPS:,} steps of train.batch_size={tc.batch_size}")
         if d.schedule == "akod":
+            # the DKO's laplace prior is centred at 0 (akod_ray/diffusion/dko.py): a centre would be ignored there
+            _check(self.dko.prior != "laplace" or d.laplace_loc == 0.0, "diffusion.laplace_loc",
+                   "must be 0 with diffusion.schedule=akod and dko.prior=laplace (the DKO's prior is centred at 0)",
+                   d.laplace_loc)
             _check(self.rl.reward_images >= self.train.num_workers, "rl.reward_images",
                    f"must be >= train.num_workers={self.train.num_workers} (every worker scores its share)",
                    self.rl.reward_images)
@@ -525,6 +537,16 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+
+def _valid_laplace(cfg: Config, scale: float, loc: float) -> bool:
+    from akod_ray.diffusion.schedules import anchor_betas
+
+    try:
+        anchor_betas("laplace", cfg.diffusion.T, cfg.dko.logsnr_max, cfg.dko.logsnr_min, scale, loc)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- loading
