@@ -119,12 +119,17 @@ def sweep_trial_configs(cfg: Config) -> list[tuple[str, Config]]:
     is invalid (the akod arm with train.ckpt_every off the segment grid, ...) fails here, named."""
     from akod_ray.sweep.trial import point_name, search_space, trial_config
 
+    from akod_ray.config import search_ranges
+
     out = []
     root = str(Path(cfg.run.root) / cfg.sweep.name / "runs")
+    # a search's trials differ only in the searched fields, and every corner of its box is valid (config.py)
+    searched = {key: low for key, (low, _, _) in search_ranges(cfg.sweep.search_space).items()} \
+        if cfg.sweep.search == "optuna" else None
     for point in search_space(cfg):
         name = point_name(point)
         try:
-            out.append((name, trial_config(cfg, point, root, "preflight")))
+            out.append((name, trial_config(cfg, point, root, "preflight", searched)))
         except AkodError as e:
             raise ConfigError(f"sweep trial {name}: {e}") from None
     return out
