@@ -107,8 +107,11 @@ def preflight_train(cfg: Config, data_dir_flag: str | None) -> None:
     """Everything `akod train` can check before it writes anything or starts Ray."""
     from akod_ray.training.trainer import check_train_index, data_dir_for
 
+    from akod_ray.tracking import check_tracking
+
     check_writable_folder(cfg.run_dir, "run folder (run.root/run.name)")
     check_train_index(cfg.run_dir)
+    check_tracking(cfg)
     check_schedule_file(cfg)
     check_data(cfg, data_dir_for(cfg, data_dir_flag))
     check_local_resources(cfg)
@@ -139,7 +142,10 @@ def preflight_sweep(cfg: Config, data_dir_flag: str | None) -> None:
     """Everything `akod sweep` can check before it writes anything or starts Ray."""
     from akod_ray.training.trainer import TRAIN_INDEX, check_train_index, data_dir_for
 
+    from akod_ray.tracking import check_tracking
+
     check_writable_folder(Path(cfg.run.root) / cfg.sweep.name, "sweep folder (run.root/sweep.name)")
+    check_tracking(cfg)
     for index in sorted((Path(cfg.run.root) / cfg.sweep.name / "runs").glob(f"*/{TRAIN_INDEX}")):  # trials that resume
         check_train_index(index.parent)
     trials = sweep_trial_configs(cfg)

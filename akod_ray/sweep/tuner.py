@@ -150,7 +150,7 @@ def sweep_trial_fn(base_dict: dict, run_root: str, data_dir: str | None, resume_
         point, searched = config["trial"]["point"], searched_values(config)
         run_id = run_id_of(config, tune.get_context().get_trial_id(), resume_ids or {})
         cfg = trial_config(config_from_dict(base_dict), point, run_root, run_id, searched)
-        train(cfg, data_dir, run_id=run_id, callbacks=[ProgressReportCallback(carry)])
+        train(cfg, data_dir, run_id=run_id, callbacks=[ProgressReportCallback(carry)], track=False)  # the sweep tracks
         summary = summarize(cfg, point, searched)
         if cfg.sweep.referee_samples:
             summary.update(referee(cfg, cfg.sweep.referee_samples))
@@ -271,6 +271,10 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
         callbacks = [SweepProgress(len(done) + to_run, len(done), concurrency)]
         if cfg.sweep.scheduler != "none":
             callbacks.append(StoppedTrialSummaries(config_to_dict(cfg), runs_dir, resume_ids))
+        if cfg.run.tracking == "mlflow":
+            from akod_ray.sweep.tracking import SweepTracking
+
+            callbacks.append(SweepTracking(cfg, runs_dir, resume_ids))
         if search:
             param_space = {"trial": {"point": search_space(cfg)[0]}}
             search_args = {"search_alg": make_searcher(cfg, done, pending), "scheduler": make_scheduler(cfg),
@@ -297,6 +301,10 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
 
     errors = [r for r in rows if "error" in r]
     report = write_report(sweep_dir)
+    if cfg.run.tracking == "mlflow":
+        from akod_ray.sweep.tracking import log_sweep
+
+        log_sweep(cfg, sweep_dir)
     if errors:
         raise AkodError(f"{len(errors)} of {len(rows)} trials failed (first: {errors[0]['trial']}: {errors[0]['error']}); "
                         f"table and report in {sweep_dir}")

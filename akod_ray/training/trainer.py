@@ -197,8 +197,12 @@ def build_trainer(cfg: Config, loop_config: dict, callbacks: list | None = None)
 
 
 def loop_config_for(cfg: Config, data_dir: str | None, run_dir: Path, **extra) -> dict:
+    """The workers' settings; ``tracking``: the MLflow run rank 0 logs its metrics into, when the driver opened one."""
+    from akod_ray.tracking import worker_settings
+
+    tracking = worker_settings(run_dir) if cfg.run.tracking == "mlflow" else None
     return {"config": config_to_dict(cfg), "data_dir": data_dir, "run_dir": str(run_dir.resolve()),
-            "cpus_per_worker": cfg.train.cpus_per_worker, **extra}
+            "cpus_per_worker": cfg.train.cpus_per_worker, "tracking": tracking, **extra}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
