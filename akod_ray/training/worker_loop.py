@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -109,6 +110,8 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(int(loop_config["cpus_per_worker"]))
     pid_dir = run_dir / "workers"
     pid_dir.mkdir(parents=True, exist_ok=True)
+    # the node beside the pid (first: the console names a line's trial by (node, pid), as pids repeat across nodes)
+    (pid_dir / f"rank{env.rank}.node").write_text(ray.util.get_node_ip_address())
     (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))  # for operators and fault tests
     data = load_training_data(cfg, loop_config.get("data_dir"))
     # the AKOD driver passes its source (akod_ray.rl.worker_source); training/ never imports rl/
