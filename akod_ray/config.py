@@ -46,7 +46,7 @@ SCHEDULERS = ("none", "asha")
 SEARCH_METRICS = ("fid_c10", "ref_loss", "fid_c10_final")
 SEARCHABLE = ("diffusion.laplace_scale", "diffusion.laplace_loc")  # a fixed schedule's parameters
 TRACKING = ("none", "mlflow")
-TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
 # Limits that keep a run inside one machine's memory and time: a value past them cannot work
@@ -524,8 +524,8 @@ class RunConfig:
     # none | mlflow: the resolved config as params, every metrics.jsonl record as metrics at its step, PPO's iterations,
     # and the schedule files, sample grids and report as artifacts (akod_ray/tracking.py); TensorBoard is always written
     tracking: str = "none"
-    # MLflow tracking URI: http(s)://host:port (a tracking server every node reaches), file:/path, sqlite:///path, ...;
-    # None: a local store beside the runs, file:<run.root>/mlruns
+    # MLflow tracking URI: http(s)://host:port (a tracking server every node reaches), sqlite:////abs/path/mlflow.db, ...;
+    # None: a local store beside the runs, sqlite:///<run.root>/mlflow.db with the artifacts in <run.root>/mlartifacts
     tracking_uri: str | None = None
     tracking_experiment: str | None = None  # MLflow experiment; None: sweep.name for a sweep, run.name for a run
 
@@ -542,9 +542,14 @@ class RunConfig:
         _plain_text("run.tracking_uri", self.tracking_uri)
         if self.tracking_uri is not None:
             scheme = self.tracking_uri.partition(":")[0].split("+")[0].lower()
-            _check("://" in self.tracking_uri or self.tracking_uri.startswith("file:"), "run.tracking_uri",
-                   "must be a URI with a scheme (http://host:5000, file:/path, sqlite:///path)", self.tracking_uri)
+            _check(scheme != "file", "run.tracking_uri", "must not be a file store (MLflow 3 refuses them); use "
+                   "sqlite:////path/mlflow.db or a tracking server", self.tracking_uri)
+            _check("://" in self.tracking_uri, "run.tracking_uri",
+                   "must be a URI with a scheme (http://host:5000, sqlite:////path/mlflow.db)", self.tracking_uri)
             _check(scheme in TRACKING_SCHEMES, "run.tracking_uri", f"must use one of the schemes {TRACKING_SCHEMES}",
+                   self.tracking_uri)
+            _check(scheme != "sqlite" or self.tracking_uri.startswith("sqlite:////"), "run.tracking_uri",
+                   "must name an absolute path (sqlite:////path/mlflow.db): Ray's workers run in other folders",
                    self.tracking_uri)
         if self.tracking_experiment is not None:
             _plain_text("run.tracking_experiment", self.tracking_experiment)

@@ -1,7 +1,8 @@
 """Experiment tracking: MLflow when ``run.tracking: mlflow``, and what TensorBoard gets besides the loop's scalars.
 
 One MLflow run per training run, in the experiment ``run.tracking_experiment`` (default: the run's or the
-sweep's name), at ``run.tracking_uri`` (default: a local store beside the runs, ``file:<run.root>/mlruns``):
+sweep's name), at ``run.tracking_uri`` (default: a local store beside the runs, ``<run.root>/mlflow.db`` with the
+artifacts in ``<run.root>/mlartifacts``; MLflow 3 refuses plain file stores):
 
 - params: the resolved config, flattened (``train.batch_size``, ...);
 - metrics: every metrics.jsonl record at its step (loss, ref_loss, fid_c10, ...), PPO's iterations
@@ -41,8 +42,16 @@ MAX_BATCH = 100  # params (and metrics) per MLflow log_batch call: the REST API'
 
 
 def tracking_uri(cfg: Config) -> str:
-    """run.tracking_uri, or the local file store beside the runs (an absolute URI: Ray's workers have another cwd)."""
-    return cfg.run.tracking_uri or (Path(cfg.run.root).resolve() / "mlruns").as_uri()
+    """run.tracking_uri, or the local store beside the runs (absolute: Ray's workers run in other folders)."""
+    return cfg.run.tracking_uri or f"sqlite:///{Path(cfg.run.root).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where the artifacts of an experiment made here go: beside a local database (MLflow would put them under the
+    creating process's folder), else where the tracking server says."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(urllib.parse.unquote(uri[len("sqlite:///"):])).parent / "mlartifacts").as_uri()
 
 
 def experiment_name(cfg: Config, sweep: bool = False) -> str:
@@ -90,12 +99,10 @@ def check_tracking(cfg: Config, timeout_s: float = 10.0) -> None:
 
     uri = tracking_uri(cfg)
     field = "run.tracking_uri" if cfg.run.tracking_uri else "run.tracking_uri (default: beside run.root)"
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme == "file":
-        check_writable_folder(urllib.parse.unquote(parts.path), field)
-    elif parts.scheme == "sqlite":
-        check_writable_folder(Path(urllib.parse.unquote(parts.path)).parent, field)
-    elif parts.scheme in ("http", "https"):
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme == "sqlite":
+        check_writable_folder(Path(urllib.parse.unquote(uri[len("sqlite:///"):])).parent, field)
+    elif scheme in ("http", "https"):
         _check_server(uri, field, timeout_s)
 
 
@@ -132,12 +139,13 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client, name: str) -> str:
+def experiment_id(client, uri: str, name: str) -> str:
+    """The experiment ``name``, made if missing (its artifacts beside a local database: :func:`artifact_location`)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
     except Exception:  # noqa: BLE001 - created meanwhile by another process (MLflow raises its own RestException)
         return client.get_experiment_by_name(name).experiment_id
 
@@ -164,9 +172,9 @@ def open_run(client, uri: str, run_dir: Path, experiment: str, run_name: str, ta
                 return saved
         except Exception:  # noqa: BLE001 - deleted, or another store: start a new run
             pass
-    experiment_id = _experiment_id(client, experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-    saved = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri, "writer": writer}
+    exp_id = experiment_id(client, uri, experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+    saved = {"run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": uri, "writer": writer}
     from akod_ray.config import make_dirs
 
     make_dirs(run_dir)
@@ -267,10 +275,19 @@ class RunTracking:
                 "run_name": self.cfg.run.name}
 
     def finish(self, failed: bool) -> None:
-        log_run_files(self.client, self.run_id, self.run_dir)
-        if not failed:
-            log_report(self.client, self.run_id, self.run_dir)
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        """The run's files, its report (if it finished) and its status. A tracking server lost at the end costs
+        one printed line, not the finished training (nor the error that ended it)."""
+        try:
+            log_run_files(self.client, self.run_id, self.run_dir)
+            if not failed:
+                try:
+                    log_report(self.client, self.run_id, self.run_dir)
+                except AkodError as e:  # a run folder the report cannot read: the run is still finished
+                    print(f"[akod] MLflow: no report logged: {e}", flush=True)
+            self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        except Exception as e:  # noqa: BLE001 - MLflow's own exceptions, network errors
+            print(f"[akod] MLflow: the run's files and status were not logged: {type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:300]}", flush=True)
 
 
 def worker_settings(run_dir: Path) -> dict | None:

@@ -131,8 +131,48 @@ def test_the_default_tracking_store_lies_beside_the_runs(tmp_path):
     from akod_ray.tracking import check_tracking, tracking_uri
 
     cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.tracking=mlflow"])
-    assert tracking_uri(cfg) == (tmp_path / "runs" / "mlruns").as_uri()
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     check_tracking(cfg)  # a folder that can be created: no error
+
+
+def test_a_file_store_or_a_relative_database_is_refused():
+    from akod_ray.config import load_config
+    from akod_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^run\.tracking_uri must not be a file store \(MLflow 3 refuses them\)"):
+        load_config(None, ["run.tracking_uri=file:///tmp/mlruns"])
+    with pytest.raises(ConfigError, match=r"^run\.tracking_uri must name an absolute path \(sqlite:////path"):
+        load_config(None, ["run.tracking_uri=sqlite:///runs/mlflow.db"])
+
+
+def test_a_run_in_the_default_file_store_and_its_resume(tmp_path):
+    """The driver's and rank 0's sides without Ray, into the default store beside the runs: params, the records
+    at their steps (each value once per step), the files at the end; a rerun of the run goes on in its run."""
+    from akod_ray.config import load_config, save_config
+    from akod_ray.diffusion.schedules import cosine_betas, save_schedule
+    from akod_ray.tracking import RunTracking, WorkerMetrics, worker_settings
+
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=local", "run.tracking=mlflow", "train.batch_size=8"])
+    tracking = RunTracking(cfg)
+    save_config(cfg, cfg.run_dir)
+    save_schedule(cfg.run_dir / "schedule.json", cosine_betas(100), source="cosine")
+    metrics = WorkerMetrics(worker_settings(cfg.run_dir))
+    records = [{"step": 2, "loss": 0.5, "wall_s": 1.0}, {"step": 4, "loss": 0.4, "wall_s": 2.0, "fid_c10_sampler": "heun"},
+               {"step": 4, "wall_s": 2.0, "fid_c10": 30.0, "fid_c10_n": 8}]  # a step's fid record repeats its wall_s
+    for r in records:
+        metrics.log(r)
+        with (cfg.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(r) + "\n")
+    tracking.finish(failed=False)
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(tracking.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == "8"
+    assert history(client, run.info.run_id, "wall_s") == [(2, 1.0), (4, 2.0)]
+    assert history(client, run.info.run_id, "fid_c10") == [(4, 30.0)] and "fid_c10_n" not in run.data.metrics
+    assert {"schedule/schedule.json", "report/report.md"} <= artifacts(client, run.info.run_id)
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not in this process's folder
+    again = RunTracking(cfg)  # the same command again: a resume
+    assert again.run_id == tracking.run_id and client.get_run(again.run_id).info.status == "RUNNING"
 
 
 def test_ppo_iterations_and_sample_grids_reach_tensorboard(tmp_path):

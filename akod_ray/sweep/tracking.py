@@ -33,6 +33,12 @@ class SweepTracking(MLflowLoggerCallback):
         self.run_dirs: dict = {}
         self.unlogged: dict = {}
 
+    def setup(self, *args, **kwargs):
+        from akod_ray.tracking import _client, experiment_id
+
+        experiment_id(_client(self.tracking_uri), self.tracking_uri, self.experiment_name)  # with our artifact place
+        super().setup(*args, **kwargs)
+
     def log_trial_start(self, trial) -> None:
         if trial in self._trial_runs:
             return

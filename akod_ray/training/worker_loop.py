@@ -34,7 +34,10 @@ class RayTrainEnv:
         if tracking and self.rank == 0:
             from akod_ray.tracking import WorkerMetrics
 
-            self.metrics = WorkerMetrics(tracking)
+            try:
+                self.metrics = WorkerMetrics(tracking)
+            except Exception as e:  # noqa: BLE001 - tracking is a convenience: a server this node cannot reach
+                print(f"[akod] MLflow logging off: {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=self.device)
