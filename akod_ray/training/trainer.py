@@ -23,6 +23,10 @@ from akod_ray.errors import AkodError, CheckpointError, ConfigError, DataError
 from akod_ray.training.schedule_source import fixed_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Ray Train's controller takes one report from each worker per poll, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default), and the loop reports at every log interval: reports that come faster queue up, and the run waits for the
+# queue at its next checkpoint. Poll every 0.5 s unless the variable is set (the driver's value reaches the controller).
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
@@ -174,6 +178,7 @@ def unwrap_worker_error(err: BaseException) -> BaseException:
 def build_trainer(cfg: Config, loop_config: dict, callbacks: list | None = None) -> TorchTrainer:
     from akod_ray.training.worker_loop import train_worker
 
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     tc = cfg.train
     scaling = ray.train.ScalingConfig(
         num_workers=tc.num_workers,
