@@ -70,7 +70,7 @@ def mlflow_server(tmp_path_factory):
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+            proc.wait(10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
