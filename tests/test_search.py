@@ -14,22 +14,16 @@ import yaml
 from akod_ray.cli import main
 from akod_ray.config import config_from_dict, load_config
 from akod_ray.errors import ConfigError
-from ray_helpers import REPO, akod_cmd, akod_env, assert_one_clear_error, read_jsonl
+from ray_helpers import REPO, akod_cmd, akod_env, assert_one_clear_error, read_jsonl, tiny_procedural
 
-SEARCH = {
-    "run": {"num_cpus": 2, "dashboard": False},
-    "diffusion": {"T": 1000},
-    "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
-              "dropout": 0.0},
-    "dko": {"num_knots": 4},
-    "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
-    "train": {"batch_size": 8, "lr": 0.002, "warmup_steps": 0, "log_every": 2, "ckpt_every": 4, "sample_every": 100,
-              "val_batch": 8, "ref_grid": 2, "cpus_per_worker": 1},
-    "eval": {"sampler_steps": 4, "grid_size": 2, "fid_samples": 8, "fid_every": 4},
-    "sweep": {"name": "search", "arms": ["laplace"], "budget": 96, "max_concurrent_trials": 1, "search": "optuna",
-              "num_samples": 3, "search_space": ["diffusion.laplace_scale=0.6:2.0:log", "diffusion.laplace_loc=-1.5:0.5"],
-              "scheduler": "asha", "asha_grace": 0.34, "metric": "ref_loss"},
-}
+SEARCH = tiny_procedural(
+    diffusion={"T": 1000},
+    train={"lr": 0.002, "warmup_steps": 0, "log_every": 2, "ckpt_every": 4, "sample_every": 100},
+    eval={"fid_every": 4},
+    sweep={"name": "search", "arms": ["laplace"], "budget": 96, "max_concurrent_trials": 1, "search": "optuna",
+           "num_samples": 3, "search_space": ["diffusion.laplace_scale=0.6:2.0:log", "diffusion.laplace_loc=-1.5:0.5"],
+           "scheduler": "asha", "asha_grace": 0.34, "metric": "ref_loss"},
+)
 KEYS = ("diffusion.laplace_scale", "diffusion.laplace_loc")
 
 

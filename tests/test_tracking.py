@@ -18,21 +18,17 @@ import pytest
 import yaml
 
 from akod_ray.cli import main
-from ray_helpers import REPO, akod_cmd, akod_env, assert_one_clear_error, read_jsonl
+from ray_helpers import REPO, akod_cmd, akod_env, assert_one_clear_error, read_jsonl, tiny_procedural
 
 # A tiny run: 8 steps, a record every 2, fid_c10 and a sample grid every 4, a checkpoint every 4.
-TINY = {
-    "run": {"name": "tracked", "num_cpus": 2, "dashboard": False, "tracking": "mlflow"},
-    "diffusion": {"T": 100, "schedule": "cosine"},
-    "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
-              "dropout": 0.0, "msfi": False, "beta_modulation": False},
-    "dko": {"num_knots": 4},
-    "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
-    "train": {"steps": 8, "batch_size": 8, "log_every": 2, "ckpt_every": 4, "sample_every": 4, "val_batch": 8,
-              "ref_grid": 2, "cpus_per_worker": 1},
-    "eval": {"sampler_steps": 4, "grid_size": 2, "fid_samples": 8, "fid_every": 4},
-    "sweep": {"name": "tracked_sweep", "arms": ["baseline", "cosine"], "budget": 64, "max_concurrent_trials": 1},
-}
+TINY = tiny_procedural(
+    run={"name": "tracked", "tracking": "mlflow"},
+    diffusion={"schedule": "cosine"},
+    model={"msfi": False, "beta_modulation": False},
+    train={"steps": 8, "log_every": 2, "ckpt_every": 4, "sample_every": 4},
+    eval={"fid_every": 4},
+    sweep={"name": "tracked_sweep", "arms": ["baseline", "cosine"], "budget": 64, "max_concurrent_trials": 1},
+)
 LOG_STEPS = [2, 4, 6, 8]
 
 
