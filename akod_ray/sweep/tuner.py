@@ -251,54 +251,71 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
         raise AkodError(f"sweep folder {str(sweep_dir)!r} already holds a sweep; pass --resume to continue it "
                         "or set sweep.name to start another")
     search = cfg.sweep.search == "optuna"
-    if search:
-        done, pending = plan_search(cfg, runs_dir)
-        pending = pending[:max(0, cfg.sweep.num_samples - len(done))]
-        to_run, resume_ids = max(0, cfg.sweep.num_samples - len(done)), {values_key(v): rid for v, rid in pending}
-    else:
-        done, todo = plan_trials(cfg, runs_dir)
-        to_run, resume_ids = len(todo), {}
+    done, to_run, resume_ids, tune_args = plan(cfg, runs_dir)
     if not resume:
         save_config(cfg, sweep_dir)
     rows = list(done)
     if to_run:
         start_ray(cfg)
-        carry = (cfg.sweep.metric,) if search else ()
+        carry = (cfg.sweep.metric,) if search else ()  # Tune refuses a result without its searcher's metric
         trainable = tune.with_resources(sweep_trial_fn(config_to_dict(cfg), str(runs_dir), data_dir, resume_ids, carry),
                                         {"CPU": 0, "TRAIN_DRIVER": 1})
         concurrency = concurrent_trials(cfg)
         name, dirname = trial_namers(resume_ids)
-        callbacks = [SweepProgress(len(done) + to_run, len(done), concurrency)]
-        if cfg.sweep.scheduler != "none":
-            callbacks.append(StoppedTrialSummaries(config_to_dict(cfg), runs_dir, resume_ids))
-        if cfg.run.tracking == "mlflow":
-            from akod_ray.sweep.tracking import SweepTracking
-
-            callbacks.append(SweepTracking(cfg, runs_dir, resume_ids))
-        if search:
-            param_space = {"trial": {"point": search_space(cfg)[0]}}
-            search_args = {"search_alg": make_searcher(cfg, done, pending), "scheduler": make_scheduler(cfg),
-                           "num_samples": to_run}
-        else:
-            param_space, search_args = {"trial": tune.grid_search(todo)}, {}
+        param_space = tune_args.pop("param_space")
         tuner = tune.Tuner(  # always a fresh experiment: Tune's pickled state of an earlier attempt is never read
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_name_creator=name,
-                                        trial_dirname_creator=dirname, **search_args),
+                                        trial_dirname_creator=dirname, **tune_args),
             run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(root), verbose=None if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=callbacks),
+                                      callbacks=sweep_callbacks(cfg, runs_dir, resume_ids, len(done), to_run,
+                                                                concurrency)),
         )
         results = [_row(result) for result in tuner.fit()]
         # a search's finished trials, stopped ones included, from their summaries; failed ones from Tune
         rows = plan_search(cfg, runs_dir)[0] + [r for r in results if "error" in r] if search else rows + results
-    searched = tuple(search_ranges(cfg.sweep.search_space)) if search else ()
-    write_table(rows, sweep_dir, searched, cfg.sweep.metric)
-    if search and (line := best_line(cfg, rows)):
-        print(line, flush=True)
+    return finish_sweep(cfg, sweep_dir, rows)
+
+
+def plan(cfg: Config, runs_dir: Path) -> tuple[list[dict], int, dict[str, str], dict]:
+    """(rows of the finished trials, how many trials to run, the run ids of unfinished search trials by their values,
+    the Tuner's param_space and TuneConfig arguments)."""
+    if cfg.sweep.search == "grid":
+        done, todo = plan_trials(cfg, runs_dir)
+        return done, len(todo), {}, {"param_space": {"trial": tune.grid_search(todo)}}
+    done, pending = plan_search(cfg, runs_dir)
+    to_run = max(0, cfg.sweep.num_samples - len(done))
+    pending = pending[:to_run]
+    args = {"param_space": {"trial": {"point": search_space(cfg)[0]}}, "num_samples": to_run,
+            "scheduler": make_scheduler(cfg)}
+    if to_run:
+        args["search_alg"] = make_searcher(cfg, done, pending)
+    return done, to_run, {values_key(v): run_id for v, run_id in pending}, args
+
+
+def sweep_callbacks(cfg: Config, runs_dir: Path, resume_ids: dict[str, str], done: int, to_run: int,
+                    concurrency: int) -> list:
+    """Progress lines; with a scheduler, the summaries of the trials it stopped; with MLflow, the trials' runs."""
+    callbacks = [SweepProgress(done + to_run, done, concurrency)]
+    if cfg.sweep.scheduler != "none":
+        callbacks.append(StoppedTrialSummaries(config_to_dict(cfg), runs_dir, resume_ids))
+    if cfg.run.tracking == "mlflow":
+        from akod_ray.sweep.tracking import SweepTracking
+
+        callbacks.append(SweepTracking(cfg, runs_dir, resume_ids))
+    return callbacks
+
+
+def finish_sweep(cfg: Config, sweep_dir: Path, rows: list[dict]) -> Path:
+    """The table, a search's best trial, the report (and the sweep's MLflow run); one error for failed trials."""
     from akod_ray.reporting.report import write_report
 
+    search = cfg.sweep.search == "optuna"
+    write_table(rows, sweep_dir, tuple(search_ranges(cfg.sweep.search_space)) if search else (), cfg.sweep.metric)
+    if search and (line := best_line(cfg, rows)):
+        print(line, flush=True)
     errors = [r for r in rows if "error" in r]
     report = write_report(sweep_dir)
     if cfg.run.tracking == "mlflow":
