@@ -74,8 +74,11 @@ def arm_name(config: dict) -> str:
         details.append(f"k={(config.get('dko') or {}).get('kernel_size', '?')}")
     if gamma is not None:
         details.append(f"Min-SNR-{gamma:g}" if _number(gamma) is not None else f"Min-SNR-{gamma}")
-    spec = (schedule, gamma is not None, msfi)
-    arm = next((a for a, s in ARM_SPECS.items() if s == spec), None) if msfi == modulation else None
+    adaptation = str(diffusion.get("adaptation") or "none")
+    frozen = bool((config.get("rl") or {}).get("frozen", False))
+    spec = (schedule, gamma is not None, msfi, adaptation, frozen)
+    arm = next((a for a, s in ARM_SPECS.items() if (s.schedule, s.min_snr, s.akod_unet, s.adaptation, s.frozen) == spec),
+               None) if msfi == modulation else None
     if arm is not None:
         return arm + (f" ({', '.join(details)})" if details else "")
     name = schedule + (f" ({details[0]})" if schedule == "akod" else "") + (f" + {details[-1]}" if gamma is not None else "")

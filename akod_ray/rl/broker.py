@@ -1,8 +1,11 @@
 """ScheduleBroker: the one actor between the PPO env and the Ray Train workers (DESIGN 2).
 
-One broker per run (per Tune trial), a named async actor. The env submits a proposed
-schedule and waits for its reward; rank 0 of the Train workers takes the next schedule,
-the workers train a segment of K steps with it, and rank 0 posts the result.
+One broker per run (per Tune trial), a named async actor. The env submits a window's decisions
+(the DKO's bins for the window's decision images) and waits for their rewards; rank 0 of the Train
+workers takes the next request, the workers train the window with it, and rank 0 posts the result.
+Rank 0 also posts the trunk's *state* (the next window's decision slots and context) before its first
+request (``post_state``); every result carries the next state too, and the env reads the latest
+(``wait_state``) when an episode starts.
 
 A request moves through three states::
 
@@ -136,9 +139,9 @@ class ScheduleBroker:
     # ------------------------------------------------------------------ env side
 
     async def submit(self, schedule: dict) -> int:
-        """Queue a schedule (``betas``: list of T floats, plus metadata); returns its request id."""
-        if not isinstance(schedule, dict) or "betas" not in schedule:
-            raise ValueError("a schedule request must be a dict with a 'betas' list")
+        """Queue a request (a window's ``decisions``, plus metadata); returns its request id."""
+        if not isinstance(schedule, dict) or "decisions" not in schedule:
+            raise ValueError("a request must be a dict with a 'decisions' list")
         async with self._cond:
             self._raise_if_closed("submit")
             self._fresh = False
@@ -175,8 +178,24 @@ class ScheduleBroker:
             return self._pending.pop(request_id, None) is not None
 
     async def latest_result(self) -> dict | None:
-        """The most recent result posted by the workers (for the env's progress and loss features)."""
+        """The most recent result or state posted by the workers (the env's next slots and context)."""
         return None if self._latest_result is None else dict(self._latest_result)
+
+    async def wait_state(self, timeout_s: float, after_step: int | None = None) -> dict | None:
+        """The latest state or result once the workers posted one (with ``after_step``: one of a later step);
+        None after ``timeout_s``."""
+        def ready() -> bool:
+            latest = self._latest_result
+            return latest is not None and (after_step is None or latest.get("step", -1) > after_step)
+
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: ready() or self._closed_reason is not None),
+                                       timeout=max(float(timeout_s), 0.0))
+            except (asyncio.TimeoutError, TimeoutError):
+                return None
+            self._raise_if_closed("wait for the workers' state")
+            return dict(self._latest_result)
 
     # ------------------------------------------------------------------ worker side
 
@@ -235,6 +254,16 @@ class ScheduleBroker:
                 self._waited.discard(old)
             self._cond.notify_all()
             return True
+
+    async def post_state(self, state: dict) -> None:
+        """Rank 0's state before its first request: the first window's slots and the trunk's context."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a worker state must be a dict, got {type(state).__name__}")
+        async with self._cond:
+            self._fresh = False
+            self._touch_worker()
+            self._latest_result = dict(state)
+            self._cond.notify_all()
 
     async def replay_from(self, step: int) -> list[list]:
         """The answered trunk segments ending after ``step`` (a restarted group's checkpoint step):
@@ -400,6 +429,24 @@ class BrokerClient:
     def latest_result(self) -> dict | None:
         return self._get(self.handle.latest_result.remote(), 0.0, "latest_result")
 
+    def wait_state(self, timeout_s: float | None = None, after_step: int | None = None) -> dict:
+        """Block until the workers posted a state (the env's next slots; with ``after_step``, one of a later step);
+        BrokerTimeoutError once they have been silent for ``timeout_s`` during this wait."""
+        timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
+        start = _now()
+        while True:
+            elapsed = _now() - start
+            st = self._get(self.handle.status.remote(None), 0.0, "status")
+            idle = elapsed if st["worker_idle_s"] is None else min(st["worker_idle_s"], elapsed)
+            budget = timeout_s - idle
+            if budget <= 0:
+                raise BrokerTimeoutError(f"the Ray Train workers posted no state within {timeout_s:g} s (they never "
+                                         "started or are stuck; raise rl.broker_timeout_s if start-up is slow)")
+            chunk = min(budget, POLL_S)
+            out = self._get(self.handle.wait_state.remote(chunk, after_step), chunk, "wait_state")
+            if out is not None:
+                return out
+
     def wait_result(self, request_id: int, timeout_s: float | None = None) -> dict:
         """Block until the workers post the result of ``request_id``.
 
@@ -456,6 +503,9 @@ class BrokerClient:
 
     def post_result(self, request_id: int, result: dict) -> bool:
         return bool(self._get(self.handle.post_result.remote(request_id, result), 0.0, "post_result"))
+
+    def post_state(self, state: dict) -> None:
+        self._get(self.handle.post_state.remote(state), 0.0, "post_state")
 
     def replay_from(self, step: int) -> list[list]:
         """Rank 0 after a restart: see :meth:`ScheduleBroker.replay_from`."""

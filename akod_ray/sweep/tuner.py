@@ -31,7 +31,8 @@ from akod_ray.errors import AkodError, ConfigError, one_line, root_cause
 from akod_ray.sweep.trial import point_name, search_space, summarize, trial_config
 from akod_ray.training.trainer import data_dir_for, ensure_ray
 
-TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "schedule", "msfi", "beta_modulation", "min_snr_gamma", "step",
+TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "schedule", "msfi", "beta_modulation", "min_snr_gamma",
+                 "adaptation", "frozen", "step",
                  "wall_s", "ref_loss", "fid_c10", "fid_c10_n", "time_to_ref_loss_s", "time_to_fid_c10_s"]
 SUMMARY_FILE = "summary.json"  # a finished trial's final numbers, in its run folder
 RUN_ID = re.compile(r"[A-Za-z0-9_]{1,40}")  # the run id after "<point name>-" in a run folder's name

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from akod_ray.config import CHECKPOINT_DEFAULTS, Config, config_from_dict
+from akod_ray.config import CHECKPOINT_DEFAULTS, RETIRED_FIELDS, RETIRED_VALUES, Config, config_from_dict
 from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.diffusion.schedules import validate_betas
 from akod_ray.errors import CheckpointError, ConfigError
@@ -108,11 +108,15 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 def config_of(state: dict, where: str = "checkpoint") -> Config:
     """The config a checkpoint was trained with; fields it predates keep the meaning they had then
     (:data:`akod_ray.config.CHECKPOINT_DEFAULTS`)."""
-    stored = state["config"]
+    stored = {k: dict(v) if isinstance(v, dict) else v for k, v in state["config"].items()}
     for (section, name), value in CHECKPOINT_DEFAULTS.items():
         part = stored.get(section)
         if isinstance(part, dict) and name not in part:
-            stored = {**stored, section: {**part, name: value}}
+            part[name] = value
+    for section, name in RETIRED_FIELDS | {k for k, bad in RETIRED_VALUES.items()
+                                           if isinstance(stored.get(k[0]), dict) and stored[k[0]].get(k[1]) in bad}:
+        if isinstance(stored.get(section), dict):
+            stored[section].pop(name, None)
     try:
         return config_from_dict(stored)
     except ConfigError as e:
