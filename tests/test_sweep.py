@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from akod_ray.config import load_config
+from akod_ray.config import ARMS, load_config
 from akod_ray.sweep.trial import point_name, replace_sweep, search_space, trial_config
 from akod_ray.sweep.tuner import write_table
 from ray_helpers import CIFAR_DIR as CIFAR
@@ -35,10 +35,13 @@ def test_search_space_covers_arms_filter_sizes_and_seeds():
 
 
 # arm -> (schedule, Min-SNR gamma, MSFI and beta-modulation): DESIGN 1.7
-EXPECTED_SWITCHES = {
-    "baseline": ("linear", None, False), "cosine": ("cosine", None, False), "min_snr": ("cosine", 5.0, False),
-    "loglinear": ("loglinear", None, False), "edm": ("edm", None, False), "laplace": ("laplace", None, False),
-    "msfi_only": ("cosine", None, True), "dko_only": ("akod", None, False), "akod": ("akod", None, True),
+EXPECTED_SWITCHES = {  # arm: (schedule, Min-SNR gamma, AKOD U-Net, adaptation, frozen)
+    "baseline": ("linear", None, False, "none", False), "cosine": ("cosine", None, False, "none", False),
+    "min_snr": ("cosine", 5.0, False, "none", False), "loglinear": ("loglinear", None, False, "none", False),
+    "edm": ("edm", None, False, "none", False), "laplace": ("laplace", None, False, "none", False),
+    "importance": ("laplace", None, False, "importance", False), "edm2": ("laplace", None, False, "edm2", False),
+    "msfi_only": ("laplace", None, True, "none", False), "dko_frozen": ("akod", None, False, "none", True),
+    "dko_only": ("akod", None, False, "none", False), "akod": ("akod", None, True, "none", False),
 }
 SMOKE_ARMS = {"baseline", "cosine", "loglinear", "laplace", "msfi_only", "dko_only", "akod"}  # make demo's seven
 
@@ -48,12 +51,13 @@ def test_trial_config_gives_every_arm_its_switches_and_the_same_budget():
                                                              "model.msfi=true", "model.beta_modulation=false"])
     assert set(cfg.sweep.arms) == SMOKE_ARMS  # the smoke sweep runs seven of the arms
     cfg = replace_sweep(cfg, arms=tuple(EXPECTED_SWITCHES))
+    assert set(EXPECTED_SWITCHES) == set(ARMS)
     by_arm = {p["arm"]: trial_config(cfg, p, "/tmp/x", "t1") for p in search_space(cfg)}
     assert {c.train.steps for c in by_arm.values()} == {200}
-    for arm, (schedule, gamma, akod_unet) in EXPECTED_SWITCHES.items():
+    for arm, (schedule, gamma, akod_unet, adaptation, frozen) in EXPECTED_SWITCHES.items():
         c = by_arm[arm]  # the base config's model switches never leak into an arm
-        assert (c.diffusion.schedule, c.diffusion.min_snr_gamma, c.model.msfi, c.model.beta_modulation) == \
-            (schedule, gamma, akod_unet, akod_unet), arm
+        assert (c.diffusion.schedule, c.diffusion.min_snr_gamma, c.model.msfi, c.model.beta_modulation,
+                c.diffusion.adaptation, c.rl.frozen) == (schedule, gamma, akod_unet, akod_unet, adaptation, frozen), arm
     assert by_arm["akod"].dko.kernel_size == 7
     assert by_arm["baseline"].run.name == "baseline_s0-t1"  # from the trial id, never a timestamp
     timed = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget_kind=seconds", "sweep.budget=90"])
@@ -62,9 +66,10 @@ def test_trial_config_gives_every_arm_its_switches_and_the_same_budget():
 
 @pytest.mark.timeout(300)
 def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
-    """Issues 11 and 16: each of the nine arms runs (a few steps, tiny U-Net, procedural data) with the
-    network and schedule its spec says: MSFI weights exist only in the AKOD U-Net arms, the
-    schedule the checkpoint stores is the arm's."""
+    """Issues 11, 16 and 21: each of the twelve arms runs (a few steps, tiny U-Net, procedural data) with the
+    network, schedule and switches its spec says: MSFI weights exist only in the AKOD U-Net arms, the schedule
+    the checkpoint stores is the arm's, the online arms keep their sampler's or objective's state, the frozen
+    control's DKO never moves."""
     import ray
     import torch
 
@@ -81,12 +86,13 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
     base = load_config(ROOT / "tune_configs" / "tiny_akod.yaml", [
         "data.source=procedural", "data.train_subset=64", "data.val_size=8", "train.batch_size=8", "train.steps=4",
         "train.log_every=2", "train.ckpt_every=4", "train.sample_every=4", "rl.segment_steps=2", "rl.train_batch=1",
-        "rl.minibatch_size=3", "dko.probe_pool=16", "eval.fid_samples=8", "eval.sampler_steps=2", "sweep.budget=32"])
+        "rl.decision_every=1", "rl.decision_images=2", "rl.minibatch_size=4", "rl.probe_pairs=4", "dko.probe_pool=16",
+        "eval.fid_samples=8", "eval.sampler_steps=2", "sweep.budget=32"])
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        for arm, (schedule, gamma, akod_unet) in EXPECTED_SWITCHES.items():
+        for arm, (schedule, gamma, akod_unet, adaptation, frozen) in EXPECTED_SWITCHES.items():
             point = {"arm": arm, "kernel_size": 5 if schedule == "akod" else None, "seed": 0}
             cfg = trial_config(base, point, str(tmp_path), "t")
             data = load_training_data(cfg, None)
@@ -104,11 +110,17 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
                         "laplace": anchor_betas("laplace", 1000, *ends, cfg.diffusion.laplace_scale)}.get(schedule)
             if expected is not None:
                 assert torch.equal(state["betas"], expected), arm
-            else:  # the learned arms store the DKO that made their schedule
-                assert set(state["schedule_source"]["dko"]) == {"weights", "module", "context"}
+            else:  # the learned arms store the DKO their trunk trained with
+                assert set(state["schedule_source"]["dko"]) >= {"weights", "context"}
+                iterations = [json.loads(x) for x in (cfg.run_dir / "rl" / "iterations.jsonl").read_text().split()]
+                assert all(i["frozen"] == frozen for i in iterations) and iterations, arm
+                if frozen:
+                    assert not state["schedule_source"]["dko"]["weights"]["head.weight"].any()
+            assert ("sampler" in state["schedule_source"]) == (adaptation == "importance"), arm
+            assert ("objective" in state) == (adaptation == "edm2"), arm
             row = summarize(cfg, point)
-            assert (row["schedule"], row["min_snr_gamma"], row["msfi"], row["beta_modulation"]) == \
-                (schedule, gamma, akod_unet, akod_unet), arm
+            assert (row["schedule"], row["min_snr_gamma"], row["msfi"], row["beta_modulation"], row["adaptation"],
+                    row["frozen"]) == (schedule, gamma, akod_unet, akod_unet, adaptation, frozen), arm
     finally:
         if started:
             ray.shutdown()

@@ -435,13 +435,14 @@ class TrainingRun:
     def learning_rate(self) -> float:
         return lr_at(self.step, self.tc.lr, self.tc.warmup_steps)
 
-    def branch(self, process: DiffusionProcess, steps: int, salt: int = 0) -> dict:
+    def branch(self, process: DiffusionProcess, steps: int, salt: int = 0, inspect=None) -> dict:
         """Train ``steps`` steps with ``process`` from the current weights, score, and undo.
 
         Every branch from the same trunk step (and ``salt``) sees the same t and noise draws
         (common random numbers), and the same batches, so branches differ by their schedule
-        only. The EMA is untouched.
-        Returns the branch's reward-probe profile (``after_profile``).
+        only. The trunk's EMA is restored with everything else.
+        Returns the branch's reward-probe profile (``after_profile``) and, with ``inspect`` (a callable of
+        this run), what it returns while the branch's weights and EMA are in place (``inspected``).
         """
         snapshot = self.runner.snapshot()  # weights, optimizer, EMA, loss sum: restored in place (no recapture)
         data_state = copy.deepcopy(self.stream.state_dict())
@@ -451,6 +452,8 @@ class TrainingRun:
                 seed = step_seed(self.tc.seed, self.env.rank, step) + BRANCH_SALT * (salt + 1) + j
                 self.train_one_step(process, seed % 2**63)
             out = {"after_profile": self._probe_profile()}
+            if inspect is not None:
+                out["inspected"] = inspect(self)
         finally:
             self.runner.restore(snapshot)
             self.stream.load_state_dict(data_state)
