@@ -348,11 +348,11 @@ def report(args) -> None:
                   f"{timed['loadavg_start'][0]} at the start, {timed['loadavg_end'][0]} at the end; `{timed['command']}`, "
                   f"{timed['date']}). The milliseconds in the tables above were measured under the load their long "
                   "runs met; compare these.", "", "| sampler and budget | ms per image | ms per evaluation |", "|---|---|---|"]
-        from akod_ray.diffusion.solvers import SOLVERS, solver_evaluations
+        from akod_ray.diffusion.dispatch import network_evaluations
 
         for k in keys:
             s_, b_ = k.rsplit("_", 1)
-            nfe = solver_evaluations(s_, int(b_)) if s_ in SOLVERS else int(b_)  # DDIM and DDPM spend their budget
+            nfe = network_evaluations(s_, int(b_), int(b_))  # a ddpm key's budget is its T
             lines.append(f"| {k} | {timed['per_image_s'][k] * 1e3:.2f} | {timed['per_image_s'][k] * 1e3 / nfe:.3f} |")
         lines.append("")
     lines += ["## Figures (bench/results.json)", "", "| key | value |", "|---|---|"]

@@ -11,7 +11,8 @@ import torch
 
 from akod_ray.config import Config
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.samplers import network_evaluations, sample, sampler_steps_problem, sampling_grid
+from akod_ray.diffusion.dispatch import network_evaluations, sample
+from akod_ray.diffusion.samplers import sampler_steps_problem, sampling_grid
 from akod_ray.errors import AkodError, one_line
 
 
