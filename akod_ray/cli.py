@@ -304,13 +304,13 @@ def cmd_fid(args) -> int:
 def _checkpoint_path(text: str) -> Path:
     """A checkpoint folder as given, or the latest checkpoint of a run folder."""
     from akod_ray.errors import CheckpointError
-    from akod_ray.training.checkpoint import latest_checkpoint
+    from akod_ray.training.checkpoint import STATE_FILES, latest_checkpoint
 
     path = Path(text)
-    if path.is_dir() and not (path / "state.pt").exists():
+    if path.is_dir() and not any((path / name).exists() for name in STATE_FILES):
         found = latest_checkpoint(path)
         if found is None:
-            raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a state.pt under {str(path)!r}")
+            raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a {' or '.join(STATE_FILES)} under {str(path)!r}")
         return found
     return path
 

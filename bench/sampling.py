@@ -65,10 +65,10 @@ def default_arms() -> list[Path]:
 
 def resolve(path: Path) -> tuple[str, Path]:
     """(arm name, checkpoint folder) of a checkpoint or run folder."""
-    from akod_ray.training.checkpoint import latest_checkpoint
+    from akod_ray.training.checkpoint import latest_checkpoint, state_file
 
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if state_file(path) is not None:
         return path.parent.name, path
     found = latest_checkpoint(path)
     if found is None:
@@ -109,7 +109,7 @@ def measure(arm: str, ckpt: Path, sampler: str, budget: int, args, loaded: dict)
 
     from akod_ray.evaluation.fid import default_c10_reference, fid_c10
     from akod_ray.evaluation.sampling import check_sampling
-    from akod_ray.training.checkpoint import load_for_sampling
+    from akod_ray.training.checkpoint import load_for_sampling, load_state
 
     if "model" not in loaded:
         loaded["model"], loaded["process"], loaded["cfg"] = load_for_sampling(ckpt)
@@ -123,7 +123,7 @@ def measure(arm: str, ckpt: Path, sampler: str, budget: int, args, loaded: dict)
     if not torch.isfinite(images).all():
         raise SystemExit(f"[sampling] {arm} {sampler} {budget}: non-finite images")
     fid = fid_c10(images.float(), default_c10_reference())
-    step = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True).get("step")
+    step = load_state(ckpt).get("step")
     return {"arm": arm, "checkpoint": str(ckpt), "step": step, "T": process.T, "budget": budget, **record,
             "n": args.n, "seed": args.seed, "batch": args.batch, "fid_c10": fid, "wall_s": wall,
             "wall_s_per_image": wall / args.n, "threads": torch.get_num_threads(), "loadavg_start": load_start,

@@ -172,7 +172,7 @@ def test_sample_from_a_truncated_checkpoint_exits_2_naming_the_file(tmp_path, lo
 
     ckpt = tmp_path / "checkpoint_00000004"
     shutil.copytree(local_run / "checkpoint_00000004", ckpt)
-    state = ckpt / "state.pt"
+    state = ckpt / "state.safetensors"
     state.write_bytes(state.read_bytes()[:1000])
     proc = subprocess.run(akod_cmd("sample", ckpt, "--out", tmp_path / "x.png", "--n", "4"),
                           capture_output=True, text=True, env=akod_env(), cwd=REPO, timeout=180)
@@ -184,7 +184,7 @@ def test_sample_from_a_truncated_checkpoint_exits_2_naming_the_file(tmp_path, lo
 
 def test_sample_from_a_folder_without_checkpoints_exits_2(capsys, tmp_path):
     rc, out, err = run_main(capsys, ["sample", str(tmp_path), "--out", str(tmp_path / "x.png")])
-    assert_exit_2(rc, err, rf"no checkpoint_XXXXXXXX folder with a state\.pt under '{tmp_path}'")
+    assert_exit_2(rc, err, rf"no checkpoint_XXXXXXXX folder with a state\.safetensors or state\.pt under '{tmp_path}'")
 
 
 def test_sample_with_a_bad_flag_value_exits_2(capsys, local_run, tmp_path):

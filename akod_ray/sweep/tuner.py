@@ -7,8 +7,8 @@ Resume never reads Tune's own state (``tuner.pkl``, ``experiment_state-*.json``,
 ``params.pkl``): those are pickles, and unpickling a file runs whatever code it names. A sweep
 resumes from what this project writes and reads without running code: the sweep's
 ``config.yaml`` (safe YAML), each trial's run folder ``runs/<arm>[_k<k>]_s<seed>-<run id>/``
-with its ``summary.json`` once the trial finished, and its Train checkpoints (read with
-``torch.load(weights_only=True)``). Finished trials are kept; every other trial runs again in a
+with its ``summary.json`` once the trial finished, and its Train checkpoints (safetensors and JSON,
+:mod:`akod_ray.training.plain_state`). Finished trials are kept; every other trial runs again in a
 fresh Tune experiment under its old run id, so its Train run resumes from its last checkpoint.
 """
 
