@@ -113,18 +113,25 @@ def build_scheduler(name: str, grid: DiffusionProcess, steps: int):
     Raises ValueError (one line naming the sampler) for a budget it cannot spend on T steps, or a schedule
     diffusers cannot hold in float32.
     """
-    import diffusers  # 4 s to import: only when a diffusers sampler runs
-
-    spec = SOLVERS[name]
     problem = sampler_steps_problem(name, steps, grid.T)
     if problem is not None:
         raise ValueError(f"{name}: eval.sampler_steps {problem}, got {steps}")
     _check_float32(name, grid)
-    with _quiet_numpy_copy():
-        sched = getattr(diffusers, spec.scheduler)(num_train_timesteps=grid.T, trained_betas=grid.betas.numpy(),
-                                                   prediction_type="epsilon", **spec.options)
+    sched = make_scheduler(name, grid.betas)
     set_scheduler_steps(sched, grid.T, scheduler_steps(name, steps))
     return sched
+
+
+def make_scheduler(name: str, betas: torch.Tensor):
+    """The diffusers scheduler of sampler ``name`` (:data:`SOLVERS`) on ``betas`` (``trained_betas``, kept in
+    its config as float64: saved with ``save_pretrained``, it loads back the same schedule), timesteps not set."""
+    import diffusers  # 4 s to import: only when a diffusers sampler runs
+
+    spec = SOLVERS[name]
+    with _quiet_numpy_copy():
+        return getattr(diffusers, spec.scheduler)(num_train_timesteps=int(betas.shape[0]),
+                                                  trained_betas=betas.double().tolist(), prediction_type="epsilon",
+                                                  **spec.options)
 
 
 @contextlib.contextmanager
@@ -181,7 +188,7 @@ def scheduler_grid(sched, process: DiffusionProcess | None = None) -> DiffusionP
     the same, so that a network samples its training schedule through its own conditioning rows."""
     betas = sched.config.get("trained_betas")
     betas = torch.as_tensor(betas if betas is not None else sched.betas, dtype=torch.float64).reshape(-1)
-    if process is not None and process.T == betas.shape[0] and torch.equal(process.betas, betas):
+    if isinstance(process, DiffusionProcess) and process.T == betas.shape[0] and torch.equal(process.betas, betas):
         return process
     return DiffusionProcess(betas)
 

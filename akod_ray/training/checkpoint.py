@@ -126,6 +126,17 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder (or state file) as given, or the latest checkpoint of a run folder."""
+    path = Path(path)
+    if path.is_dir() and not any((path / name).exists() for name in STATE_FILES):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a {' or '.join(STATE_FILES)} under {str(path)!r}")
+        return found
+    return path
+
+
 def config_of(state: dict, where: str = "checkpoint") -> Config:
     """The config a checkpoint was trained with; fields it predates keep the meaning they had then
     (:data:`akod_ray.config.CHECKPOINT_DEFAULTS`)."""
