@@ -187,10 +187,13 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
+    from akod_ray.evaluation.fid_run import prepare_inception_reference
     from akod_ray.preflight import preflight_train
     from akod_ray.run import train
+    from akod_ray.training.trainer import data_dir_for
 
     preflight_train(cfg, args.data_dir)
+    cfg = prepare_inception_reference(cfg, data_dir_for(cfg, args.data_dir), cfg.run_dir)
     with _ray_session(args, cfg.run_dir / "ray.log"):
         start_ray(cfg)
         last = train(cfg, args.data_dir)

@@ -94,13 +94,15 @@ def generate(cfg, model, process, n: int, seed: int, batch: int, sampler: str, b
     """n images, batch b from a generator seeded (seed, b): the same x_T per batch for every sampler."""
     import torch
 
-    from akod_ray.evaluation.sampling import sample_as_configured
+    from akod_ray.evaluation.sampling import sample_chunks
+    from akod_ray.progress import progress
 
     out = []
-    for b, start in enumerate(range(0, n, batch)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        out.append(sample_as_configured(cfg, model, process, min(batch, n - start), g, "cpu", sampler=sampler,
-                                        steps=budget, grid=grid, batch_size=batch))
+    with progress(f"{sampler}-{budget}", n) as bar:
+        for _, images in sample_chunks(cfg, model, process, n, seed, "cpu", chunk=batch, sampler=sampler, steps=budget,
+                                       grid=grid):
+            out.append(images)
+            bar.update(len(images))
     return torch.cat(out)
 
 

@@ -233,6 +233,8 @@ CONFIG_CASES = [
     (["eval.ddim_eta=.nan"], r"eval\.ddim_eta must be a finite number, got nan"),
     (["eval.fid_every=-1"], r"eval\.fid_every must be >= 0, got -1"),
     (["eval.fid_samples=1"], r"eval\.fid_samples must be >= 2, got 1"),
+    (["eval.fid=fid"], r"eval\.fid must be one of \('c10', 'inception', 'both'\), got 'fid'"),
+    (["eval.inception_ref=''"], r"eval\.inception_ref must be a path to an \.npz or null, got ''"),
     (["eval.fid_samples=100000000"], r"eval\.fid_samples must be <= 100,000 \(samples held in memory\), got 100000000"),
     (["eval.fid_samples=2", "train.num_workers=4", "run.num_cpus=4"],
      r"eval\.fid_samples must be >= train\.num_workers=4 \(every worker samples its share\), got 2"),

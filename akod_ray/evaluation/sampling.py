@@ -7,6 +7,9 @@ and :func:`sampling_record` says it next to the figure.
 
 from __future__ import annotations
 
+import math
+from typing import Iterator
+
 import torch
 
 from akod_ray.config import Config
@@ -32,6 +35,23 @@ def sample_as_configured(cfg: Config, model, process: DiffusionProcess, n: int, 
                   ev.ddim_eta if eta is None else eta, device, image_size=image_size, bf16=cfg.train.bf16,
                   batch_size=batch_size, grid=grid_for(cfg, process, grid), clip_x0=ev.clip_x0,
                   kernel_size=cfg.dko.kernel_size, progress_desc=progress_desc)
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of chunk ``chunk`` of a sample drawn with ``seed`` (:func:`sample_chunks`)."""
+    return (seed * 1_000_003 + chunk) % 2**63
+
+
+def sample_chunks(cfg: Config, model, process: DiffusionProcess, n: int, seed: int, device: str | torch.device = "cpu",
+                  *, chunk: int, rank: int = 0, world_size: int = 1, **overrides) -> Iterator[tuple[int, torch.Tensor]]:
+    """Images 0..n-1 in chunks of ``chunk``, chunk c drawn from its own generator (:func:`chunk_seed`), so any
+    worker can draw any chunk: this worker (``rank`` of ``world_size``) yields (c, images) for its chunks
+    rank, rank + world_size, ... The images of a chunk do not depend on how many workers share the work.
+    ``overrides``: :func:`sample_as_configured`'s keywords (sampler, steps, eta, grid, progress_desc)."""
+    for c in range(rank, math.ceil(n / chunk), world_size):
+        g = torch.Generator(device=device).manual_seed(chunk_seed(seed, c))
+        yield c, sample_as_configured(cfg, model, process, min(chunk, n - c * chunk), g, device, batch_size=chunk,
+                                      **overrides)
 
 
 def sampling_record(cfg: Config, T: int, *, sampler: str | None = None, steps: int | None = None,
