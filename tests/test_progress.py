@@ -6,14 +6,7 @@ import io
 import re
 
 from akod_ray import progress as prog
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
+from test_sweep_progress import Clock
 
 
 def test_a_log_gets_one_plain_line_per_tenth_and_no_carriage_returns():
@@ -21,7 +14,7 @@ def test_a_log_gets_one_plain_line_per_tenth_and_no_carriage_returns():
     clock = Clock()
     bar = prog.PlainProgress("sampling", 1000, "images", out, clock)
     for _ in range(100):
-        clock.t += 0.5
+        clock.now += 0.5
         bar.update(10)  # 10 images every half second: 20 images/s
     text = out.getvalue()
     lines = text.splitlines()
