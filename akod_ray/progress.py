@@ -15,7 +15,9 @@ Use::
             ...
             bar.update(len(batch))
 
-A loop whose total is 0 prints nothing. ``AKOD_PROGRESS=0`` turns every bar and line off.
+Progress goes to stdout, beside the command's other ``[akod]`` lines (stderr keeps the one-line errors).
+A loop that ends within :data:`DELAY_S` seconds prints nothing (nor does one whose total is 0);
+``AKOD_PROGRESS=0`` turns every bar and line off.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from typing import Iterator, TextIO
 
 STEPS = 10  # plain lines per loop: one every tenth
+DELAY_S = 1.0  # nothing before this many seconds: a quick loop needs no progress
 
 
 def format_seconds(s: float) -> str:
@@ -42,7 +45,8 @@ def format_seconds(s: float) -> str:
 
 
 class PlainProgress:
-    """The non-terminal form: a line at each tenth of ``total`` crossed (one line when an update crosses several)."""
+    """The non-terminal form: a line at each tenth of ``total`` crossed (one line when an update crosses several),
+    from :data:`DELAY_S` seconds on."""
 
     def __init__(self, desc: str, total: int, unit: str, stream: TextIO, clock=time.perf_counter):
         self.desc, self.total, self.unit, self.stream, self.clock = desc, total, unit, stream, clock
@@ -53,8 +57,9 @@ class PlainProgress:
         tenths = self.n * STEPS // self.total
         if tenths > self.tenths:
             self.tenths = tenths
-            self.stream.write(self.line() + "\n")
-            self.stream.flush()
+            if self.clock() - self.t0 >= DELAY_S:
+                self.stream.write(self.line() + "\n")
+                self.stream.flush()
 
     def line(self) -> str:
         elapsed = self.clock() - self.t0
@@ -83,14 +88,15 @@ def enabled() -> bool:
 @contextlib.contextmanager
 def progress(desc: str, total: int, unit: str = "images", stream: TextIO | None = None) -> Iterator:
     """A bar (terminal) or plain lines (anything else) for a loop of ``total`` ``unit``; see the module docstring.
-    ``stream``: where it writes (default sys.stderr)."""
-    stream = sys.stderr if stream is None else stream
+    ``stream``: where it writes (default sys.stdout)."""
+    stream = sys.stdout if stream is None else stream
     if total <= 0 or not enabled():
         bar = _Silent()
     elif getattr(stream, "isatty", lambda: False)():
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=desc, unit=f" {unit}", unit_scale=False, file=stream, dynamic_ncols=True)
+        bar = tqdm(total=total, desc=desc, unit=f" {unit}", unit_scale=False, file=stream, dynamic_ncols=True,
+                   delay=DELAY_S)
     else:
         bar = PlainProgress(desc, total, unit, stream)
     try:

@@ -218,11 +218,14 @@ def test_the_report_says_when_no_run_recorded_inception_fid(tmp_path):
     assert "no run recorded it" not in text and "final FID (N)" in text
 
 
-def test_progress_of_a_single_process_fid_is_plain_lines_in_a_log(tmp_path, capfd):
+def test_progress_of_a_single_process_fid_is_plain_lines_in_a_log(tmp_path, capfd, monkeypatch):
+    from akod_ray import progress
+
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
     cfg, model, process = tiny(tmp_path)
     fid_run.sample_fid(cfg, model, process, N, 5, fid_run.SingleProcess(), {"c10": F.default_c10_reference()},
                        progress_desc="fid samples")
-    err = capfd.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("[akod] fid samples:")]
-    assert "\r" not in err and len(lines) == 5  # one line per chunk of 2: each crosses a fifth (two tenths)
+    out = capfd.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("[akod] fid samples:")]
+    assert "\r" not in out and len(lines) == 5  # one line per chunk of 2: each crosses a fifth (two tenths)
     assert lines[-1].startswith("[akod] fid samples: 10/10 images (100%) in ")

@@ -24,16 +24,23 @@ def test_a_log_gets_one_plain_line_per_tenth_and_no_carriage_returns():
     assert lines[-1] == "[akod] sampling: 1,000/1,000 images (100%) in 50 s, 20 images/s"
 
 
-def test_an_update_that_crosses_several_tenths_prints_one_line():
-    out = io.StringIO()
-    bar = prog.PlainProgress("fid features", 7, "images", out, Clock())
+def test_an_update_that_crosses_several_tenths_prints_one_line_and_a_quick_loop_none():
+    out, clock = io.StringIO(), Clock()
+    bar = prog.PlainProgress("fid features", 7, "images", out, clock)
+    clock.now = 2.0
     bar.update(3)  # 42%: one line
     bar.update(4)  # done
     assert [re.sub(r",.*|\).*", "", x) for x in out.getvalue().splitlines()] == [
         "[akod] fid features: 3/7 images (42%", "[akod] fid features: 7/7 images (100%"]
+    quick = io.StringIO()
+    bar = prog.PlainProgress("report", 3, "runs", quick, Clock())
+    for _ in range(3):
+        bar.update(1)  # the clock never reaches DELAY_S
+    assert quick.getvalue() == ""
 
 
 def test_the_context_manager_writes_plain_lines_to_a_non_terminal_and_nothing_for_an_empty_loop(monkeypatch):
+    monkeypatch.setattr(prog, "DELAY_S", 0.0)
     out = io.StringIO()
     with prog.progress("data", 20, "images", stream=out) as bar:
         for _ in range(20):
@@ -48,7 +55,9 @@ def test_the_context_manager_writes_plain_lines_to_a_non_terminal_and_nothing_fo
     assert empty.getvalue() == ""
 
 
-def test_a_terminal_gets_a_tqdm_bar():
+def test_a_terminal_gets_a_tqdm_bar(monkeypatch):
+    monkeypatch.setattr(prog, "DELAY_S", 0.0)
+
     class Tty(io.StringIO):
         def isatty(self):
             return True

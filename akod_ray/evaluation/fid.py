@@ -372,11 +372,11 @@ def score(images: torch.Tensor, ref: FeatureStats, weights: str | Path | None = 
 
 
 def fid_c10(images: torch.Tensor, ref_stats: FeatureStats, net: torch.nn.Module | None = None,
-            batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+            batch_size: int = 500, device: str | torch.device = "cpu", progress_desc: str | None = None) -> float:
     """The offline FID: the Frechet distance in the classifier's feature space (not comparable with FID)."""
     if ref_stats.feature != "c10":
         raise AkodError(f"fid_c10 needs fid_c10 reference statistics, got {ref_stats.implementation!r}")
-    acts = c10_activations(images, net, batch_size, device)
+    acts = c10_activations(images, net, batch_size, device, progress_desc=progress_desc)
     return frechet_distance(statistics(acts, "samples", c10_implementation(net)), ref_stats)
 
 
