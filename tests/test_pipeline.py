@@ -169,6 +169,8 @@ def test_the_akod_unet_samples_on_a_grid_other_than_its_training_schedule(tmp_pa
         assert lam.min() >= linear.log_snr[-1] - 1e-3 and lam.max() <= linear.log_snr[0] + 1e-3  # its grid, not 50 cosine steps
         want = level_cond(lam, 0.02) if noise_cond == "level" else pipe.unet.process.cond_at_logsnr(lam)
         torch.testing.assert_close(torch.cat(seen), want, rtol=1e-5, atol=1e-6)
+    pil = pipe(batch_size=2, num_inference_steps=3).images  # PIL images by default, as DDPMPipeline returns
+    assert len(pil) == 2 and pil[0].size == (32, 32) and pil[0].mode == "RGB"
 
 
 def test_the_unet_is_a_diffusers_model_that_saves_and_loads(tmp_path):
