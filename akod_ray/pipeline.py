@@ -147,7 +147,8 @@ class AKODPipeline(DiffusionPipeline):
         (default: the run's budget); a name: the project's sampler (module docstring), on
         ``sampling_grid_kind`` (common | own; default: the run's). ``eta``: DDIM's (the run's for ``ddim``).
         ``output_type``: pil | np (NHWC in [0, 1]) | pt (NCHW in [0, 1]). ``chunk_size``: images per batch
-        (``akod sample`` takes 256; the same chunks give the same images)."""
+        (``akod sample`` takes 256; the same chunks give the same images). ``generator``: on the pipeline's
+        device, as ``akod sample --device`` makes it (the noise is drawn there)."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
         run = self.sampling_settings()

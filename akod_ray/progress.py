@@ -86,11 +86,12 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def progress(desc: str, total: int, unit: str = "images", stream: TextIO | None = None) -> Iterator:
-    """A bar (terminal) or plain lines (anything else) for a loop of ``total`` ``unit``; see the module docstring.
-    ``stream``: where it writes (default sys.stdout)."""
+def progress(desc: str | None, total: int, unit: str = "images", stream: TextIO | None = None) -> Iterator:
+    """A bar (terminal) or plain lines (anything else) for a loop of ``total`` ``unit`` named ``desc``; see the
+    module docstring. ``desc`` None: nothing (a caller that was not asked to show progress). ``stream``: where
+    it writes (default sys.stdout)."""
     stream = sys.stdout if stream is None else stream
-    if total <= 0 or not enabled():
+    if desc is None or total <= 0 or not enabled():
         bar = _Silent()
     elif getattr(stream, "isatty", lambda: False)():
         from tqdm import tqdm

@@ -164,7 +164,7 @@ def write_parquet(path: str | Path, images: np.ndarray, labels: np.ndarray, fmt:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blobs, index_in_class, seen = [], [], {}
-    with progress(progress_desc or "", len(images) if progress_desc else 0) as bar:
+    with progress(progress_desc, len(images)) as bar:
         for im, lab in zip(images, labels):
             buf = io.BytesIO()
             Image.fromarray(im).save(buf, format=fmt)

@@ -76,7 +76,7 @@ def sample(model, process: DiffusionProcess, n: int, generator: torch.Generator,
     """
     check_sampler(sampler)
     out = []
-    with progress(progress_desc or "", n if progress_desc else 0) as bar:
+    with progress(progress_desc, n) as bar:
         for start in range(0, n, batch_size):
             shape = (min(batch_size, n - start), 3, image_size, image_size)
             out.append(sample_batch(sampler, model, process, shape, generator, steps, eta, device, bf16, grid, clip_x0,

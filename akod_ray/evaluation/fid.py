@@ -236,7 +236,7 @@ def inception_activations(images: torch.Tensor, model: torch.nn.Module, batch_si
     """[N, 2048] pool3 activations of uint8 or [-1, 1] images of any size (resized to 299 by InceptionV3);
     ``progress_desc``: show progress under that name."""
     out = []
-    with progress(progress_desc or "", images.shape[0] if progress_desc else 0) as bar:
+    with progress(progress_desc, images.shape[0]) as bar:
         for i in range(0, images.shape[0], batch_size):
             x = to_unit_range(images[i:i + batch_size]).to(device)
             out.append(model(x)[0].squeeze(3).squeeze(2).double().cpu().numpy())
@@ -262,7 +262,7 @@ def c10_activations(images: torch.Tensor, net: torch.nn.Module | None = None, ba
     if net is None:
         net = _cached_feature_net(str(weights) if weights is not None else None, str(device))
     out = []
-    with progress(progress_desc or "", images.shape[0] if progress_desc else 0) as bar:
+    with progress(progress_desc, images.shape[0]) as bar:
         for i in range(0, images.shape[0], batch_size):
             x = to_unit_range(images[i:i + batch_size]).to(device) * 2.0 - 1.0
             out.append(net.features(x.contiguous(memory_format=torch.channels_last)).double().cpu().numpy())

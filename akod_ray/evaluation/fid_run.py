@@ -99,13 +99,13 @@ def sample_fid(cfg: Config, model, process: DiffusionProcess, n: int, seed: int,
                **overrides) -> dict[str, F.FIDResult]:
     """FID against each reference of ``refs`` (feature -> statistics) of ``n`` samples drawn with ``seed``, this
     worker's share sampled here (module docstring). Rank 0 gets {feature: FIDResult}; other ranks get {}.
-    ``overrides``: sampler, steps, eta, grid (default: the run's eval config); ``progress_desc``: show this
-    worker's progress."""
+    ``overrides``: sampler, steps, eta, grid (default: the run's eval config); ``progress_desc``: show the
+    progress of a single process under that name."""
     device = env.device
     dims = {f: _dim_and_implementation(f, weights, device) for f in refs}
     sums = {f: FeatureSums.zeros(dims[f][0]) for f in refs}
     chunk = chunk_size(n)
-    with progress(progress_desc or "", n if progress_desc and env.world_size == 1 else 0) as bar:
+    with progress(progress_desc if env.world_size == 1 else None, n) as bar:
         for _, images in sample_chunks(cfg, model, process, n, seed, device, chunk=chunk, rank=env.rank,
                                        world_size=env.world_size, **overrides):
             for f in refs:
