@@ -20,7 +20,7 @@ from akod_ray.config import ModelConfig
 from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.evaluation.sampling import sample_checkpoint
 from checkpoint_helpers import checkpoint_state, make_checkpoint, tiny_config
-from ray_helpers import REPO, akod_env
+from ray_helpers import akod_env
 
 pytestmark = [pytest.mark.usefixtures("torch_single_thread_module"),
               pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")]
@@ -41,7 +41,7 @@ def trained_looking_run(root: Path, name: str = "run", **changes) -> Path:
     return root / name
 
 
-def export(run: Path, out: Path, capsys=None) -> Path:
+def export(run: Path, out: Path) -> Path:
     assert main(["export", str(run), "--out", str(out)]) == 0
     return out
 
