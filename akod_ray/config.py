@@ -351,6 +351,8 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    FIDS: typing.ClassVar[tuple[str, ...]] = ("c10", "inception", "both")  # eval.fid's values
+
     # ddpm (all T steps) | ddim | dpmpp_2m | unipc | euler | heun (diffusers' schedulers) | adaptive (per-image steps
     # from sigma_local, dko.kernel_size)
     sampler: str = "ddim"
@@ -362,7 +364,15 @@ class EvalConfig:
     sampling_grid: str = "common"
     clip_x0: bool = True  # clip x0_hat to [-1, 1] at every network evaluation, for every sampler (akod_ray/diffusion/samplers.py)
     fid_every: int = 0  # steps between offline-FID evaluations during training; 0 = only at the end
-    fid_samples: int = 1000
+    fid_samples: int = 1000  # samples per evaluation, spread over the run's workers (each samples its share)
+    # which FID the runs record and the sweep table and report show: c10 (the offline fid_c10) | inception (pytorch-fid's
+    # Inception FID; fid_c10 stays in metrics.jsonl, which the progress line reads) | both. Inception FID needs the
+    # pytorch-fid weights (AKOD_INCEPTION_WEIGHTS, or torch's hub cache); without them one line says so and runs record
+    # fid_c10 only (akod_ray/evaluation/fid_run.py)
+    fid: str = "both"
+    # Inception reference statistics (.npz of `akod fid stats --feature inception`); null: `akod train` / `akod sweep`
+    # compute them once from the training images into the run (sweep) folder, fid_ref_inception.npz
+    inception_ref: str | None = None
     grid_size: int = 8  # sample grid is grid_size x grid_size
     target_ref_loss: float | None = None  # time-to-target threshold on the reference loss
     target_fid: float | None = None  # time-to-target threshold on FID / offline FID
@@ -378,6 +388,9 @@ class EvalConfig:
         _check(self.fid_every >= 0, "eval.fid_every", "must be >= 0", self.fid_every)
         _at_most("eval.fid_every", self.fid_every, MAX_STEPS)
         _check(self.fid_samples >= 2, "eval.fid_samples", "must be >= 2", self.fid_samples)
+        _check(self.fid in self.FIDS, "eval.fid", f"must be one of {self.FIDS}", self.fid)
+        _check(self.inception_ref is None or (isinstance(self.inception_ref, str) and self.inception_ref.strip() != ""),
+               "eval.inception_ref", "must be a path to an .npz or null", self.inception_ref)
         _at_most("eval.fid_samples", self.fid_samples, MAX_IMAGES // 10, "samples held in memory")
         _check(self.grid_size >= 1, "eval.grid_size", "must be >= 1", self.grid_size)
         _at_most("eval.grid_size", self.grid_size, 64, "grid_size**2 samples")

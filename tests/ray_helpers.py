@@ -113,8 +113,11 @@ def registered_checkpoints(run_dir: Path) -> list[int]:
 
 
 def checkpoints_on_disk(run_dir: Path) -> list[int]:
-    """Steps of the checkpoint folders with a state.pt in the run folder."""
-    return sorted(int(p.parent.name.split("_")[1]) for p in Path(run_dir).glob("checkpoint_*/state.pt"))
+    """Steps of the checkpoint folders with a state file in the run folder."""
+    from akod_ray.training.checkpoint import CHECKPOINT_RE, state_file
+
+    return sorted(int(p.name.split("_")[1]) for p in Path(run_dir).glob("checkpoint_*")
+                  if CHECKPOINT_RE.match(p.name) and state_file(p))
 
 
 def pid_alive(pid: int) -> bool:

@@ -19,6 +19,7 @@ import re
 import pytest
 import torch
 
+from akod_ray.training.checkpoint import load_state
 from ray_helpers import (  # noqa: F401 - akod_runs is a fixture
     TINY,
     TUNE_CONFIGS,
@@ -110,7 +111,7 @@ def test_akod_run_end_to_end(tmp_path, akod_runs, capsys):
     from akod_ray.diffusion.schedules import load_schedule
 
     betas = load_schedule(run_dir / "schedule.json", 1000)
-    state = torch.load(run_dir / f"checkpoint_{steps:08d}" / "state.pt", weights_only=True)
+    state = load_state(run_dir / f"checkpoint_{steps:08d}")
     assert state["step"] == steps
     torch.testing.assert_close(state["betas"].to(torch.float64), betas.to(torch.float64), rtol=1e-12, atol=0)
     # ... and the checkpoint's DKO (plain tensors) rebuilds it exactly, at the observation it was made at:

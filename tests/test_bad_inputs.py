@@ -25,6 +25,8 @@ import yaml
 
 from akod_ray.cli import main
 from akod_ray.data.parquet import write_parquet
+from akod_ray.errors import CheckpointError
+from akod_ray.training.checkpoint import STATE_FILE
 from checkpoint_helpers import T as CKPT_T
 from checkpoint_helpers import checkpoint_state, make_checkpoint, tiny_config
 from ray_helpers import REPO, akod_cmd, akod_env
@@ -231,6 +233,8 @@ CONFIG_CASES = [
     (["eval.ddim_eta=.nan"], r"eval\.ddim_eta must be a finite number, got nan"),
     (["eval.fid_every=-1"], r"eval\.fid_every must be >= 0, got -1"),
     (["eval.fid_samples=1"], r"eval\.fid_samples must be >= 2, got 1"),
+    (["eval.fid=fid"], r"eval\.fid must be one of \('c10', 'inception', 'both'\), got 'fid'"),
+    (["eval.inception_ref=''"], r"eval\.inception_ref must be a path to an \.npz or null, got ''"),
     (["eval.fid_samples=100000000"], r"eval\.fid_samples must be <= 100,000 \(samples held in memory\), got 100000000"),
     (["eval.fid_samples=2", "train.num_workers=4", "run.num_cpus=4"],
      r"eval\.fid_samples must be >= train\.num_workers=4 \(every worker samples its share\), got 2"),
@@ -643,18 +647,18 @@ def test_bad_checkpoint_content(capsys, tmp_path, name, make, pattern):
     ckpt = make_checkpoint(tmp_path / "run", make())
     out = tmp_path / "out" / "grid.png"
     assert_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
-                    pattern.format(f=re.escape(str(ckpt / "state.pt")), c=re.escape(str(ckpt))))
+                    pattern.format(f=re.escape(str(ckpt / STATE_FILE)), c=re.escape(str(ckpt))))
     assert not (tmp_path / "out").exists()
 
 
 def _write_bytes(content: bytes):
     def spoil(ckpt: Path) -> None:
-        (ckpt / "state.pt").write_bytes(content)
+        (ckpt / STATE_FILE).write_bytes(content)
     return spoil
 
 
 def _truncate(ckpt: Path) -> None:
-    state = ckpt / "state.pt"
+    state = ckpt / STATE_FILE
     state.write_bytes(state.read_bytes()[:1000])
 
 
@@ -663,7 +667,7 @@ CKPT_FILE_CASES = [
     ("garbage", _write_bytes(b"not a checkpoint" * 10), r"checkpoint file '{f}' is corrupt or truncated: .*"),
     ("empty", _write_bytes(b""), r"checkpoint file '{f}' is corrupt or truncated: .*"),
     ("plain_pickle", _write_bytes(pickle.dumps({"model": {}})), r"checkpoint file '{f}' is corrupt or truncated: .*"),
-    ("state_is_a_folder", lambda c: ((c / "state.pt").unlink(), (c / "state.pt").mkdir()),
+    ("state_is_a_folder", lambda c: ((c / STATE_FILE).unlink(), (c / STATE_FILE).mkdir()),
      r"checkpoint file '{f}' does not exist"),
 ]
 
@@ -674,18 +678,36 @@ def test_bad_checkpoint_file(capsys, tmp_path, name, spoil, pattern):
     spoil(ckpt)
     out = tmp_path / "grid.png"
     assert_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
-                    pattern.format(f=re.escape(str(ckpt / "state.pt"))))
+                    pattern.format(f=re.escape(str(ckpt / STATE_FILE))))
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(capsys, tmp_path):
+    """An earlier version's state.pt (torch.save) with a pickled object: torch.load(weights_only=True) refuses it."""
     marker = tmp_path / "payload_ran"
-    ckpt = make_checkpoint(tmp_path / "run", _state(extra=Payload(marker)))
+    ckpt = make_checkpoint(tmp_path / "run", _state(extra=Payload(marker)), legacy=True)
     line = assert_one_line(capsys, ["sample", ckpt, "--out", tmp_path / "x.png"],
                            rf"checkpoint file '{re.escape(str(ckpt))}/state\.pt' is corrupt or truncated: it holds Python "
                            r"objects other than tensors and plain data, which are never loaded \(weights_only=True\).*")
     assert not marker.exists()
     assert "weights_only=False" not in line and "weights_only` set to `False" not in line
+
+
+def test_a_pickle_named_state_safetensors_never_runs(capsys, tmp_path):
+    marker = tmp_path / "payload_ran"
+    ckpt = make_checkpoint(tmp_path / "run")
+    (ckpt / STATE_FILE).write_bytes(pickle.dumps({"state": Payload(marker)}, protocol=4))
+    assert_one_line(capsys, ["sample", ckpt, "--out", tmp_path / "x.png"],
+                    rf"checkpoint file '{re.escape(str(ckpt / STATE_FILE))}' is corrupt or truncated: .*")
+    assert not marker.exists()
+
+
+def test_a_state_that_is_not_plain_data_is_not_written(tmp_path):
+    from akod_ray.training.checkpoint import save_state
+
+    with pytest.raises(CheckpointError, match=r"cannot be stored: .*Payload at extra: only tensors and plain data"):
+        save_state(tmp_path / "ckpt", _state(extra=Payload(tmp_path / "x")))
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
 def test_a_missing_checkpoint(capsys, tmp_path):
@@ -695,7 +717,8 @@ def test_a_missing_checkpoint(capsys, tmp_path):
 
 def test_a_run_folder_without_checkpoints(capsys, tmp_path):
     assert_one_line(capsys, ["sample", tmp_path, "--out", tmp_path / "x.png"],
-                    rf"no checkpoint_XXXXXXXX folder with a state\.pt under '{re.escape(str(tmp_path))}'")
+                    rf"no checkpoint_XXXXXXXX folder with a state\.safetensors or state\.pt under "
+                    rf"'{re.escape(str(tmp_path))}'")
 
 
 # --------------------------------------------------------------------------- akod sample arguments

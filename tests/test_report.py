@@ -19,7 +19,7 @@ from akod_ray.data.parquet import to_model_range
 from akod_ray.data.procedural import procedural_images
 from test_samplers import dko_betas
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.samplers import sample
+from akod_ray.diffusion.dispatch import sample
 from akod_ray.diffusion.schedules import fixed_schedule, save_schedule
 from akod_ray.errors import DataError
 from akod_ray.evaluation.feature_net import C10FeatureNet

@@ -10,7 +10,8 @@ import torch
 from akod_ray.diffusion.dko import NoiseBins, bin_probs, quantile_schedule
 from akod_ray.diffusion.schedules import anchor_logsnr
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.samplers import ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample, sample
+from akod_ray.diffusion.dispatch import sample
+from akod_ray.diffusion.samplers import ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample
 from akod_ray.diffusion.schedules import cosine_betas, linear_betas
 
 

@@ -300,3 +300,32 @@ def test_resume_never_runs_a_payload_planted_in_tune_state(tmp_path):
     assert (redo / "summary.json").is_file() and sorted(runs.iterdir()) == [kept, redo]
     rows = list(csv.DictReader((sweep_dir / "sweep_table.csv").open()))
     assert sorted((r["arm"], r["schedule"], r["step"]) for r in rows) == [("baseline", "linear", "8"), ("cosine", "cosine", "8")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_tiny_sweep_shows_inception_fid_beside_fid_c10_with_stand_in_weights(tmp_path):
+    """Issue 23, item 3: with pytorch-fid weights on disk (stand-ins in its format, AKOD_INCEPTION_WEIGHTS) the
+    sweep computes the Inception reference once and its table and report show Inception FID next to fid_c10."""
+    from inception_helpers import standin_inception_weights
+
+    base = {**RESUME_BASE, "data": {**RESUME_BASE["data"], "train_subset": 16},
+            "eval": {**RESUME_BASE["eval"], "fid_samples": 4},
+            "sweep": {"name": "inception", "arms": ["baseline"], "budget": 32, "max_concurrent_trials": 1}}
+    cfg_path = tmp_path / "inception.yaml"
+    cfg_path.write_text(yaml.safe_dump(base))
+    weights = standin_inception_weights(tmp_path / "weights" / "pt_inception-2015-12-05-6726825d.pth")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", AKOD_INCEPTION_WEIGHTS=str(weights))
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "akod_ray", "sweep", str(cfg_path), "--set", f"run.root={tmp_path}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "inception"
+    assert f"[akod] Inception FID: reference statistics of the 16 training images -> {sweep_dir}" in out.stdout
+    assert "no pytorch-fid weights" not in out.stdout
+    [row] = list(csv.DictReader((sweep_dir / "sweep_table.csv").open()))
+    assert float(row["fid"]) > 0 and int(row["fid_n"]) == 4 and float(row["fid_c10"]) > 0 and int(row["fid_c10_n"]) == 4
+    header = (sweep_dir / "sweep_table.md").read_text().splitlines()[0]
+    assert "| fid_c10 | fid_c10_n | fid | fid_n |" in header
+    report = (sweep_dir / "report.md").read_text()
+    assert "final fid_c10 (N)" in report and "final FID (N)" in report and "no run recorded it" not in report

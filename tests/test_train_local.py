@@ -18,7 +18,7 @@ from akod_ray.config import (Config, DataConfig, DiffusionConfig, EvalConfig, Mo
                              save_config)
 from akod_ray.data.sources import load_training_data
 from akod_ray.errors import CheckpointError
-from akod_ray.training.checkpoint import checkpoint_dir_name, latest_checkpoint, load_state
+from akod_ray.training.checkpoint import STATE_FILE, checkpoint_dir_name, latest_checkpoint, load_state
 from akod_ray.training.local import LocalEnv
 from akod_ray.training.loop import run_training
 from akod_ray.training.schedule_source import fixed_source
@@ -111,7 +111,7 @@ def test_resume_is_exact(straight_and_resumed):
 def test_resuming_from_a_corrupt_latest_checkpoint_names_the_file(tmp_path, torch_single_thread):
     cfg = tiny_config(tmp_path, "corrupt", N)
     train_local(cfg)
-    state_file = cfg.run_dir / checkpoint_dir_name(N) / "state.pt"
+    state_file = cfg.run_dir / checkpoint_dir_name(N) / STATE_FILE
     data = state_file.read_bytes()
     state_file.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
     with pytest.raises(CheckpointError) as info:

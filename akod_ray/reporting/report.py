@@ -25,6 +25,7 @@ import torch
 from akod_ray.diffusion.schedules import MAX_SCHEDULE_BYTES, load_schedule
 from akod_ray.errors import DataError
 from akod_ray.evaluation.metrics import last_value, read_metrics, series, time_to_target
+from akod_ray.progress import progress
 from akod_ray.reporting.plots import plot_metric_vs_time, plot_schedules
 
 MISSING = "—"
@@ -255,7 +256,11 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
     run_dirs = find_runs(root)
     if not run_dirs:
         raise DataError(f"report: no runs under {str(root)!r} (a run folder holds config.yaml and metrics.jsonl)")
-    runs = [load_run(d, root) for d in run_dirs]
+    runs = []
+    with progress("report: reading runs", len(run_dirs), "runs") as bar:
+        for d in run_dirs:
+            runs.append(load_run(d, root))
+            bar.update(1)
 
     out = Path(out) if out is not None else root
     md_path = out if out.suffix == ".md" else out / REPORT_NAME
@@ -327,6 +332,10 @@ def _report_lines(root: Path, runs: list[Run], md_path: Path, files: Path, stagi
         f"- time-to-target, {qname} <= {fmt(t_quality.value, SPECS[quality])} ({t_quality.how})",
         "",
     ]
+    asked = any((r.config.get("eval") or {}).get("fid", "c10") != "c10" for r in runs)
+    if asked and not with_fid:
+        lines += ["Inception FID: no run recorded it (the pytorch-fid weights were not found where the runs ran: "
+                  "AKOD_INCEPTION_WEIGHTS, or torch's hub cache); fid_c10 only.", ""]
 
     # Summary over arms.
     lines += ["## Summary (mean over each arm's runs)", ""]

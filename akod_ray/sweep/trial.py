@@ -64,7 +64,8 @@ def summarize(cfg: Config, point: dict) -> dict:
         "min_snr_gamma": cfg.diffusion.min_snr_gamma, "adaptation": cfg.diffusion.adaptation, "frozen": cfg.rl.frozen,
         "step": last.get("step", 0), "wall_s": last.get("wall_s", math.nan),
         "ref_loss": last.get("ref_loss", math.nan), "fid_c10": last.get("fid_c10", math.nan),
-        "fid_c10_n": last.get("fid_c10_n", 0), "run_dir": str(cfg.run_dir),
+        "fid_c10_n": last.get("fid_c10_n", 0), "fid": last.get("fid", math.nan), "fid_n": last.get("fid_n", 0),
+        "run_dir": str(cfg.run_dir),
     }
     if cfg.eval.target_ref_loss is not None:
         out["time_to_ref_loss_s"] = time_to_target(records, "ref_loss", cfg.eval.target_ref_loss)

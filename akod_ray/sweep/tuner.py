@@ -7,8 +7,8 @@ Resume never reads Tune's own state (``tuner.pkl``, ``experiment_state-*.json``,
 ``params.pkl``): those are pickles, and unpickling a file runs whatever code it names. A sweep
 resumes from what this project writes and reads without running code: the sweep's
 ``config.yaml`` (safe YAML), each trial's run folder ``runs/<arm>[_k<k>]_s<seed>-<run id>/``
-with its ``summary.json`` once the trial finished, and its Train checkpoints (read with
-``torch.load(weights_only=True)``). Finished trials are kept; every other trial runs again in a
+with its ``summary.json`` once the trial finished, and its Train checkpoints (safetensors and JSON,
+:mod:`akod_ray.training.plain_state`). Finished trials are kept; every other trial runs again in a
 fresh Tune experiment under its old run id, so its Train run resumes from its last checkpoint.
 """
 
@@ -32,8 +32,9 @@ from akod_ray.sweep.trial import point_name, search_space, summarize, trial_conf
 from akod_ray.training.trainer import data_dir_for, ensure_ray
 
 TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "schedule", "msfi", "beta_modulation", "min_snr_gamma",
-                 "adaptation", "frozen", "step",
-                 "wall_s", "ref_loss", "fid_c10", "fid_c10_n", "time_to_ref_loss_s", "time_to_fid_c10_s"]
+                 "adaptation", "frozen", "step", "wall_s", "ref_loss", "fid_c10", "fid_c10_n", "fid", "fid_n",
+                 "time_to_ref_loss_s", "time_to_fid_c10_s"]
+C10_COLUMNS, INCEPTION_COLUMNS = ("fid_c10", "fid_c10_n"), ("fid", "fid_n")
 SUMMARY_FILE = "summary.json"  # a finished trial's final numbers, in its run folder
 RUN_ID = re.compile(r"[A-Za-z0-9_]{1,40}")  # the run id after "<point name>-" in a run folder's name
 # Fields a resume may change: where Ray runs and how many trials run at once, not what a trial computes.
@@ -58,18 +59,30 @@ def _cell(v) -> str:
     return str(v)
 
 
-def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
-    """The sweep table, one row per trial, as CSV and Markdown (each written to a temporary name and renamed)."""
+def table_columns(rows: list[dict], fid: str = "both") -> list[str]:
+    """The table's columns: Inception FID (``fid``, ``fid_n``) when a trial recorded it, beside fid_c10 (or in
+    its place with ``eval.fid: inception``); fid_c10 alone otherwise."""
+    has_fid = any(isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"]) for r in rows)
+    drop = set() if has_fid else set(INCEPTION_COLUMNS)
+    if has_fid and fid == "inception":
+        drop |= set(C10_COLUMNS) | {"time_to_fid_c10_s"}
+    return [c for c in TABLE_COLUMNS if c not in drop]
+
+
+def write_table(rows: list[dict], sweep_dir: Path, fid: str = "both") -> tuple[Path, Path]:
+    """The sweep table, one row per trial, as CSV and Markdown (each written to a temporary name and renamed);
+    ``fid``: eval.fid (:func:`table_columns`)."""
     rows = sorted(rows, key=lambda r: (str(r.get("arm")), r.get("kernel_size") or 0, r.get("seed") or 0))
+    columns = table_columns(rows, fid)
     csv_path, md_path = sweep_dir / "sweep_table.csv", sweep_dir / "sweep_table.md"
     csv_tmp = csv_path.with_name(csv_path.name + ".tmp")
     with csv_tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, TABLE_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     csv_tmp.replace(csv_path)
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in TABLE_COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     md_tmp = md_path.with_name(md_path.name + ".tmp")
     md_tmp.write_text("\n".join(lines) + "\n")
     md_tmp.replace(md_path)
@@ -238,8 +251,11 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
         save_config(cfg, sweep_dir)
     rows = list(done)
     if todo:
+        from akod_ray.evaluation.fid_run import prepare_inception_reference
+
+        trial_base = prepare_inception_reference(cfg, data_dir, sweep_dir)  # the sweep's config.yaml keeps eval.fid as asked
         start_ray(cfg)
-        trainable = tune.with_resources(sweep_trial_fn(config_to_dict(cfg), str(runs_dir), data_dir),
+        trainable = tune.with_resources(sweep_trial_fn(config_to_dict(trial_base), str(runs_dir), data_dir),
                                         {"CPU": 0, "TRAIN_DRIVER": 1})
         concurrency = concurrent_trials(cfg)
         tuner = tune.Tuner(  # always a fresh experiment: Tune's pickled state of an earlier attempt is never read
@@ -252,7 +268,7 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
                                       callbacks=[SweepProgress(len(done) + len(todo), len(done), concurrency)]),
         )
         rows += [_row(result) for result in tuner.fit()]
-    write_table(rows, sweep_dir)
+    write_table(rows, sweep_dir, cfg.eval.fid)
     from akod_ray.reporting.report import write_report
 
     errors = [r for r in rows if "error" in r]

@@ -133,27 +133,12 @@ def reference_process(cfg: Config) -> DiffusionProcess:
 
 
 def offline_fid(cfg: Config, model: torch.nn.Module, process: DiffusionProcess, env: WorkerEnv, step: int) -> dict:
-    """fid_c10 of eval.fid_samples EMA samples, spread over the workers (each samples its share).
+    """fid_c10 (and Inception FID where eval.fid asks and the weights are present) of eval.fid_samples EMA
+    samples, spread over the workers: :func:`akod_ray.evaluation.fid_run.evaluate_in_run` ({} without the
+    shipped classifier: a run never fails for want of an evaluation network)."""
+    from akod_ray.evaluation.fid_run import evaluate_in_run
 
-    Returns {} when the shipped classifier or its reference statistics are missing, so a
-    run never fails for want of an evaluation network; the record then simply lacks fid_c10.
-    """
-    from akod_ray.errors import AkodError
-    from akod_ray.evaluation.fid import (c10_activations, c10_implementation, default_c10_reference, frechet_distance,
-                                         statistics)
-
-    try:
-        ref = default_c10_reference()
-    except AkodError:
-        return {}
-    n = cfg.eval.fid_samples // env.world_size
-    g = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 7919 + env.rank * 104_729 + step)
-    images = sample_as_configured(cfg, model, process, n, g, env.device)
-    acts = env.gather(torch.from_numpy(c10_activations(images.float(), device=env.device)).to(env.device)).cpu().numpy()
-    value = frechet_distance(statistics(acts, "samples", c10_implementation()), ref)  # same feature space as ref
-    how = sampling_record(cfg, process.T)
-    return {"fid_c10": value, "fid_c10_n": int(acts.shape[0]), "fid_c10_sampler": how["sampler"],
-            "fid_c10_nfe": how["nfe"], "fid_c10_grid": how["sampling_grid"]}
+    return evaluate_in_run(cfg, model, process, env, step)
 
 
 EVALUATION = ("metrics", "fid", "samples")  # timer kinds that never count against a time budget
