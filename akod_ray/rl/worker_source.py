@@ -252,7 +252,10 @@ class BrokerSchedule:
         state = {"weights": weights, "context": ctx.to_dict()} if weights is not None else {"context": ctx.to_dict()}
         d = self.cfg.dko
         policy = DKOPolicy(state, self.bins, d.floor, d.hidden, d.kernel_size)
-        self._policy = {"weights": weights or {k: v.clone() for k, v in policy.net.state_dict().items()},
+        # what checkpoints hold: the weights and context the window trains with, and on rank 0 the rest of the
+        # learner's published state (the whole RLModule, to resume PPO from; the iteration)
+        published = {k: v for k, v in ((request or {}).get("dko") or {}).items() if k not in ("weights", "context")}
+        self._policy = {**published, "weights": weights or {k: v.clone() for k, v in policy.net.state_dict().items()},
                         "context": ctx.to_dict()}
         decisions = slots = direction = probe_loss = None
         if request is not None:
