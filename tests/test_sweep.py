@@ -112,7 +112,7 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
                 assert torch.equal(state["betas"], expected), arm
             else:  # the learned arms store the DKO their trunk trained with
                 assert set(state["schedule_source"]["dko"]) >= {"weights", "context"}
-                iterations = [json.loads(x) for x in (cfg.run_dir / "rl" / "iterations.jsonl").read_text().split()]
+                iterations = [json.loads(x) for x in (cfg.run_dir / "rl" / "iterations.jsonl").read_text().splitlines()]
                 assert all(i["frozen"] == frozen for i in iterations) and iterations, arm
                 if frozen:
                     assert not state["schedule_source"]["dko"]["weights"]["head.weight"].any()
