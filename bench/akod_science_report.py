@@ -220,23 +220,20 @@ def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float, sample
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for arm in DKO_ARMS:
-        runs = [r for r in by_arm.get(arm, []) if r.get("iterations")]
+        runs = [r for r in by_arm.get(arm, []) if r.get("distribution")]
         if not runs:
             continue
-        n = min(len(r["iterations"]) for r in runs)
-        per = [[i["episode_return_mean"] / max(i["samples_trained"] / max(i["num_episodes"] or 1, 1), 1)
-                for i in r["iterations"][:n]] for r in runs]
-        it = np.arange(1, n + 1)
-        ys = np.array(per, dtype=np.float64)
-        line, = axes[0].plot(it, ys.mean(0), label=f"{arm} (n={len(runs)})")
-        axes[0].fill_between(it, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.12)
+        m = min(len(r["distribution"]["windows"]) for r in runs)
+        steps = [w["step"] for w in runs[0]["distribution"]["windows"][:m]]
+        reward = np.array([[w["reward_mean"] for w in r["distribution"]["windows"][:m]] for r in runs])
+        k = 10  # a moving mean over 10 windows: one window's mean credit is mostly noise
+        smooth = np.array([np.convolve(row, np.ones(k) / k, mode="valid") for row in reward])
+        line, = axes[0].plot(steps[k - 1:], smooth.mean(0), label=f"{arm} (n={len(runs)})")
         drift = [window_drift(r) for r in runs]
-        m = min(len(d) for d in drift)
-        steps = [s for s, _ in drift[0][:m]]
         axes[1].plot(steps, np.mean([[w for _, w in d[:m]] for d in drift], 0), color=line.get_color(), label=arm)
-    axes[0].set_xlabel("PPO iteration")
-    axes[0].set_ylabel("mean reward per decision (credit x rl.reward_scale)")
-    axes[0].set_title("PPO's reward per decision, band = min..max")
+    axes[0].set_xlabel("trunk step")
+    axes[0].set_ylabel("credit per decision (x rl.reward_scale), mean of 10 windows")
+    axes[0].set_title("the reward the decisions earned: learner against the frozen control")
     axes[0].legend(fontsize=7)
     files.append(_save(fig, axes[1], out / "ppo_learning.png", "trunk step",
                        "W1 (log-SNR) of the window's distribution to the prior", "how far the policy moved (mean over seeds)"))

@@ -129,8 +129,7 @@ def test_every_decision_gets_a_reward_and_every_cost_is_counted(tmp_path, local_
     assert all(len(p["rewards"]) == len(p["decisions"]) == len(p["derivatives"]) == 8 for p in posted)
     assert last["ppo_iterations"] == len(iterations) == 2
     assert all(i["samples_trained"] == 16 for i in iterations)
-    first = iterations[0]["episode_return_mean"]
-    assert first == pytest.approx((sum(posted[0]["rewards"]) + sum(posted[1]["rewards"])) / 2, rel=1e-6)
+    assert iterations[0]["episode_return_mean"] == pytest.approx(0.0, abs=1e-9)  # rewards about the window's mean
     assert last["other_credit_s"] > 0 and last["other_reward_s"] > 0 and last["other_schedule_wait_s"] > 0
     # the checkpoint holds the DKO the trunk trained with, and its schedule rebuilds the exported one
     state = load_state(latest_checkpoint(cfg.run_dir))

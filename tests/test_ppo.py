@@ -85,8 +85,9 @@ def test_two_iterations_see_exactly_the_posted_rewards(setup):
         runners = result["env_runners"]
         new = rank0.posted[before:]
         assert len(new) == CFG.rl.train_batch == runners["num_episodes"]
-        returns = [sum(r) for r in new]  # gamma = 0, but an episode's return is still the sum of its rewards
-        assert runners["episode_return_mean"] == pytest.approx(np.mean(returns), rel=1e-9, abs=1e-12)
+        # every decision's reward reached the episode, centred on its window's mean: the returns are 0
+        assert any(np.std(r) > 0 for r in new)
+        assert runners["episode_return_mean"] == pytest.approx(0.0, abs=1e-9)
         assert runners["episode_len_mean"] == 8  # two decision steps of four images
         learner = result["learners"]["default_policy"]
         assert learner["prior_kl"] >= 0.0

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from akod_ray.rl.reward import REWARD_METRICS, decision_rewards, metric_value, metric_weights, null_control
+from akod_ray.rl.reward import REWARD_METRICS, centred, decision_rewards, metric_value, metric_weights, null_control
 
 LAM = np.linspace(9.21, -10.13, 16)
 
@@ -55,3 +55,8 @@ def test_null_controls():
     assert null_control([], "constant", 0) == []
     with pytest.raises(ValueError, match="rl.null_reward"):
         null_control(r, "zero", 0)
+
+
+def test_ppo_sees_a_windows_rewards_about_their_mean():
+    assert centred([1.0, 2.0, 6.0]) == pytest.approx([-2.0, -1.0, 3.0])
+    assert centred([0.4] * 5) == pytest.approx([0.0] * 5) and centred([]) == []

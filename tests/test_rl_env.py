@@ -99,7 +99,9 @@ def test_the_window_is_submitted_with_its_decisions_slots_context_and_policy_and
     req = client.submitted[0]
     assert req["decisions"] == [5, 0, 9, 5] and req["slots"] == SLOTS
     assert req["context"] == {"progress": 0.0, "probe_loss": 0.8} and req["dko"] == {"weights": None, "iteration": 3}
-    assert info["rewards"] == credit_of([5, 0, 9, 5]) == info["measured"]
+    measured = credit_of([5, 0, 9, 5])
+    assert info["measured"] == measured
+    assert info["rewards"] == pytest.approx([r - np.mean(measured) for r in measured])  # centred on the window
     # the next episode sees the next window's slots and context (the result's state)
     obs, _ = env.reset()
     assert obs.tolist() == pytest.approx([SLOTS[0], 0.01, math.log(0.7)], rel=1e-6)
@@ -131,13 +133,15 @@ def test_the_callback_writes_one_reward_per_decision_into_the_episode():
 
 def test_the_null_controls_keep_the_measured_rewards_and_hand_ppo_none_of_their_information():
     decisions = [0, 5, 9, 3]
+    measured = credit_of(decisions)
+    centred = [r - np.mean(measured) for r in measured]
     env, _ = make_env(null_reward="shuffle")
     _, info = run_episode(env, decisions)
-    assert info["measured"] == credit_of(decisions)
-    assert sorted(info["rewards"]) == sorted(info["measured"]) and info["rewards"] != info["measured"]
+    assert info["measured"] == measured
+    assert sorted(info["rewards"]) == pytest.approx(sorted(centred)) and info["rewards"] != pytest.approx(centred)
     env, _ = make_env(null_reward="constant")
     _, info = run_episode(env, decisions)
-    assert info["rewards"] == pytest.approx([np.mean(credit_of(decisions))] * 4)
+    assert info["rewards"] == pytest.approx([0.0] * 4)
 
 
 def test_a_run_that_ends_while_a_window_waits_ends_the_episode_quietly_and_the_next_reset_raises():
@@ -224,7 +228,8 @@ def test_env_with_real_broker_gets_the_workers_rewards(ray_local):
     env = DecisionEnv(make_env_config(make_cfg(timeout_s=30.0), "env-real"))
     _, info = run_episode(env, [2, 7])
     th.join(timeout=30)
-    assert info["rewards"] == posted[info["request_id"]]["rewards"] == credit_of([2, 7])
+    assert info["measured"] == posted[info["request_id"]]["rewards"] == credit_of([2, 7])
+    assert info["rewards"] == pytest.approx([-0.05, 0.05])  # -0.3 and -0.2 about their mean
     assert env.reset()[0][1] == pytest.approx(0.5)  # progress from the result's context
 
 

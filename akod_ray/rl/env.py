@@ -36,7 +36,7 @@ import numpy as np
 
 from akod_ray.diffusion.dko import OBS_BOUND, OBS_DIM, DKOContext, observations
 from akod_ray.rl.broker import BrokerClient, BrokerClosedError, broker_name
-from akod_ray.rl.reward import null_control
+from akod_ray.rl.reward import centred, null_control
 
 import torch
 
@@ -75,10 +75,10 @@ class DecisionEnv(gym.Env):
     distribution over the prior's bins, floor included: akod_ray/rl/rl_module.py).
 
     Reward: 0 at every step until the window is trained; then the episode's rewards become the
-    workers' per-decision rewards (``rewards`` in the last step's info, written in by
-    :func:`decision_rewards_callback`), after the ``null_reward`` control. ``terminated=True`` at the
-    last slot. The info of the last step also holds ``request_id``, ``step`` and the measured
-    (uncontrolled) rewards under ``measured``.
+    workers' per-decision rewards after the ``null_reward`` control, centred on the window's mean
+    (:func:`akod_ray.rl.reward.centred`: ``rewards`` in the last step's info, written in by
+    :func:`decision_rewards_callback`). ``terminated=True`` at the last slot. The info of the last step
+    also holds ``request_id``, ``step`` and the measured rewards under ``measured``.
     """
 
     metadata = {"render_modes": []}
@@ -146,8 +146,8 @@ class DecisionEnv(gym.Env):
             raise ValueError(f"the workers posted {len(measured)} rewards (finite: "
                              f"{all(math.isfinite(r) for r in measured)}) for the {len(self._actions)} decisions of "
                              f"window request {rid}")
-        rewards = null_control(measured, self.env_config.get("null_reward", "none"),
-                               seed=int(self.env_config.get("seed", 0)) * 1_000_003 + self.episode)
+        rewards = centred(null_control(measured, self.env_config.get("null_reward", "none"),
+                                       seed=int(self.env_config.get("seed", 0)) * 1_000_003 + self.episode))
         self.episode += 1
         info = {"request_id": rid, "step": result.get("step"), "rewards": rewards, "measured": measured}
         return self._obs[-1], 0.0, True, False, info
