@@ -226,7 +226,7 @@ def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float, sample
         m = min(len(r["distribution"]["windows"]) for r in runs)
         steps = [w["step"] for w in runs[0]["distribution"]["windows"][:m]]
         reward = np.array([[w["reward_mean"] for w in r["distribution"]["windows"][:m]] for r in runs])
-        k = 10  # a moving mean over 10 windows: one window's mean credit is mostly noise
+        k = min(10, m)  # a moving mean over 10 windows: one window's mean credit is mostly noise
         smooth = np.array([np.convolve(row, np.ones(k) / k, mode="valid") for row in reward])
         line, = axes[0].plot(steps[k - 1:], smooth.mean(0), label=f"{arm} (n={len(runs)})")
         drift = [window_drift(r) for r in runs]
