@@ -379,11 +379,10 @@ def write_report(out: Path, arms: list[str], write_results: bool = True) -> None
         lines.append("")
     if pairs:
         lines += ["## The reward checked on decisions (bench/reward_pairs.py)", "",
-                  f"{pairs['pairs']} pairs of training distributions from the same checkpoints and batches: the reward "
-                  f"(the probe metric's relative fall) orders **{pairs['agreement']:.2f}** of them as fid_c10 does; "
-                  f"{pairs['resolved_pairs']} pairs whose fid_c10 difference exceeds the referee's own noise: "
-                  f"{pairs['agreement_resolved'] if pairs['agreement_resolved'] is None else round(pairs['agreement_resolved'], 2)}.",
-                  ""]
+                  f"{pairs['pairs']} pairs of training distributions trained from the same checkpoints with the same "
+                  f"batches: the reward (the probe metric's relative fall) orders **{pairs['agreement']:.2f}** of them as "
+                  f"fid_c10 does: {pairs['with_an_anchor']:.2f} of the pairs with an anchor (large moves), "
+                  f"{pairs['reweightings']:.2f} of the pairs of two reweightings of the prior (the DKO's decisions).", ""]
     lines += ["## Keys", "", "```json", json.dumps(figures, indent=2), "```", "", "## PPO's learning", ""]
     for arm in DKO_ARMS:
         for r in by_arm.get(arm, []):

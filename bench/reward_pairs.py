@@ -12,10 +12,12 @@ draws (common random numbers; ``Trunk.branch``). For every pair of them:
 - the referee's verdict: fid_c10 of the branch's EMA weights (N = ``--n``, the experiment's sampler at 20
   evaluations, the common grid, the same starting noise for every branch), the lower the better.
 
-``reward_vs_fid_c10_pair_agreement`` is the share of pairs on whose order the two agree; pairs whose
-fid_c10 difference is within the referee's own noise (twice the standard error of the difference of two
-split halves) are reported separately. The checkpoints are the laplace arm of the experiment's config at
-``--steps`` (trained if missing; bench/akod_credit_signal.py trains the same one).
+``reward_vs_fid_c10_pair_agreement`` is the share of pairs on whose order the two agree, also split into the
+pairs of two reweightings of the prior (the DKO's fine decisions) and the pairs with an anchor (large moves).
+The prior is trained a second time with other batches' noise draws (``prior (replicate)``): the two copies'
+differences in reward and in fid_c10 are what the training noise alone does, and pairs whose fid_c10
+difference is beyond it are counted separately (``_resolved``). The checkpoints are the laplace arm of the
+experiment's config at ``--steps`` (trained if missing).
 
     .venv/bin/python bench/reward_pairs.py           # ~40 CPU-minutes
     .venv/bin/python bench/reward_pairs.py --report  # the table again from the recorded branches
@@ -52,7 +54,12 @@ def candidates(J: int) -> dict[str, list[float] | str]:
         "noisy-mid x3": up(range(2 * q, 3 * q)),
         "loglinear": "loglinear",
         "edm": "edm",
+        REPLICATE: [1.0] * J,  # the prior again, with other noise draws: the training noise's own size
     }
+
+
+REPLICATE = "prior (replicate)"
+ANCHORS = ("loglinear", "edm")
 
 
 def branch_process(cfg, spec, bins, prior_logsnr):
@@ -109,7 +116,7 @@ def run_checkpoint(args, steps_at: int) -> list[dict]:
             return sample_as_configured(cfg, trunk._eval_model(), process, args.n, torch.Generator().manual_seed(12345),
                                         "cpu", grid="common")
 
-        out = run.branch(process, args.branch_steps, salt=7, inspect=sample)
+        out = run.branch(process, args.branch_steps, salt=8 if name == REPLICATE else 7, inspect=sample)
         after = sum(out["after_profile"]) / len(out["after_profile"])
         acts = c10_activations(out["inspected"].float())
         halves = [frechet_distance(statistics(a, "samples", ref.implementation), ref) for a in np.array_split(acts, 2)]
@@ -125,21 +132,26 @@ def run_checkpoint(args, steps_at: int) -> list[dict]:
     return done
 
 
+def share(pairs: list[dict]) -> float | None:
+    return float(np.mean([p["agree"] for p in pairs])) if pairs else None
+
+
 def agreement(records: list[dict]) -> dict:
+    by = {r["decision"]: r for r in records}
+    rep = by.get(REPLICATE)
+    noise_fid = abs(by["prior"]["fid_c10"] - rep["fid_c10"]) if rep else 0.0
+    noise_reward = abs(by["prior"]["reward"] - rep["reward"]) if rep else 0.0
     pairs = []
-    for a, b in itertools.combinations(records, 2):
-        d_reward = a["reward"] - b["reward"]
-        d_fid = a["fid_c10"] - b["fid_c10"]
-        # the referee's noise on this difference: the halves' spread (the same halves are paired: same noise)
-        d_half = [ha - hb for ha, hb in zip(a["fid_c10_halves"], b["fid_c10_halves"])]
-        se = abs(d_half[0] - d_half[1]) / 2  # the standard error of the mean of two halves' difference
+    for a, b in itertools.combinations([r for r in records if r["decision"] != REPLICATE], 2):
+        d_reward, d_fid = a["reward"] - b["reward"], a["fid_c10"] - b["fid_c10"]
         pairs.append({"a": a["decision"], "b": b["decision"], "d_reward": d_reward, "d_fid": d_fid,
-                      "agree": (d_reward > 0) == (d_fid < 0), "resolved": abs(d_fid) > 2 * max(se, 1e-9)})
-    resolved = [p for p in pairs if p["resolved"]]
-    return {"pairs": len(pairs), "agreement": float(np.mean([p["agree"] for p in pairs])) if pairs else None,
-            "resolved_pairs": len(resolved),
-            "agreement_resolved": float(np.mean([p["agree"] for p in resolved])) if resolved else None,
-            "detail": pairs}
+                      "agree": (d_reward > 0) == (d_fid < 0), "resolved": abs(d_fid) > noise_fid,
+                      "anchor": a["decision"] in ANCHORS or b["decision"] in ANCHORS})
+    return {"pairs": len(pairs), "agreement": share(pairs),
+            "reweightings": share([p for p in pairs if not p["anchor"]]),
+            "with_an_anchor": share([p for p in pairs if p["anchor"]]),
+            "resolved_pairs": sum(p["resolved"] for p in pairs), "agreement_resolved": share([p for p in pairs if p["resolved"]]),
+            "training_noise_fid_c10": noise_fid, "training_noise_reward": noise_reward, "detail": pairs}
 
 
 def main() -> None:
@@ -160,18 +172,21 @@ def main() -> None:
         records.append(json.loads(path.read_text()) if args.report and path.exists() else run_checkpoint(args, s))
     per = [agreement(r) for r in records]
     pooled_pairs = [p for a in per for p in a["detail"]]
-    summary = {"pairs": len(pooled_pairs), "agreement": float(np.mean([p["agree"] for p in pooled_pairs])),
+    summary = {"pairs": len(pooled_pairs), "agreement": share(pooled_pairs),
+               "reweightings": share([p for p in pooled_pairs if not p["anchor"]]),
+               "with_an_anchor": share([p for p in pooled_pairs if p["anchor"]]),
                "resolved_pairs": sum(p["resolved"] for p in pooled_pairs),
-               "agreement_resolved": float(np.mean([p["agree"] for p in pooled_pairs if p["resolved"]]))
-               if any(p["resolved"] for p in pooled_pairs) else None,
+               "agreement_resolved": share([p for p in pooled_pairs if p["resolved"]]),
                "per_checkpoint": {s: {k: v for k, v in a.items() if k != "detail"} for s, a in zip(args.steps, per)},
                "branches": records, "pairs_detail": pooled_pairs}
     print(json.dumps({k: v for k, v in summary.items() if k not in ("branches", "pairs_detail")}, indent=1))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    rounded = lambda v: round(v, 4) if v is not None else None  # noqa: E731
     write_figures("reward_pairs", {
-        "reward_vs_fid_c10_pair_agreement": round(summary["agreement"], 4),
-        "reward_vs_fid_c10_pair_agreement_resolved": (round(summary["agreement_resolved"], 4)
-                                                      if summary["agreement_resolved"] is not None else None),
+        "reward_vs_fid_c10_pair_agreement": rounded(summary["agreement"]),
+        "reward_vs_fid_c10_pair_agreement_reweightings": rounded(summary["reweightings"]),
+        "reward_vs_fid_c10_pair_agreement_with_an_anchor": rounded(summary["with_an_anchor"]),
+        "reward_vs_fid_c10_pair_agreement_resolved": rounded(summary["agreement_resolved"]),
         "reward_vs_fid_c10_pairs": summary["pairs"],
     }, {k: v for k, v in summary.items() if k != "branches"}, load0)
 

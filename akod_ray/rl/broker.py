@@ -26,12 +26,12 @@ broker records every worker contact (next_request, post_result, heartbeat), so t
 tells "workers gone" (silent for the whole timeout) apart from "slow" (still heartbeating).
 
 Replay. A restarted group resumes from the latest checkpoint Ray Train registered, which
-can be a segment or more behind the step the killed group reached: segments it trained and
+can be a window or more behind the step the killed group reached: windows it trained and
 answered after that checkpoint are gone from the weights, but their rewards already reached
-PPO. The broker keeps every answered trunk segment (:class:`TrunkLog`); the new rank 0 asks
+PPO. The broker keeps every answered window (:class:`TrunkLog`); the new rank 0 asks
 ``replay_from(step)`` for those that end after its checkpoint and trains them again with
-their own schedules, without posting, before it takes the requests in flight. The trunk then
-stands where the killed group left it, and the next segment starts where the previous
+their own requests, without posting, before it takes the requests in flight. The trunk then
+stands where the killed group left it, and the next window starts where the previous
 answered one ended.
 
 Closing. ``close()`` wakes every waiter; afterwards every wait fails fast with
@@ -59,7 +59,7 @@ from akod_ray.errors import BrokerTimeoutError
 STATE_VERSION = 1
 MAX_UNCLAIMED_RESULTS = 256  # results nobody waits for (after a restore, a cancel) are kept, bounded
 RPC_SLACK_S = 30.0  # extra time for the actor call itself on top of the wait it was asked for
-MAX_TRUNK_LOG = 256  # answered trunk segments kept for a restarted group to replay (TrunkLog)
+MAX_TRUNK_LOG = 256  # answered windows kept for a restarted group to replay (TrunkLog)
 POLL_S = 5.0  # longest single wait_result call of the client; it re-checks worker liveness in between
 
 
@@ -79,10 +79,10 @@ def _now() -> float:
 
 
 class TrunkLog:
-    """The schedules of the trunk segments answered so far, by the step each ended at (bounded).
+    """The requests of the decision windows the trunk answered so far, by the step each ended at (bounded).
 
-    A result with ``kind == "trunk"`` (a segment the trunk trained: an episode without branches,
-    a ``trunk`` or ``final`` request) is recorded with the schedule it was trained with.
+    A result with ``kind == "trunk"`` (a window the trunk trained) is recorded with the request it was
+    trained with (its decisions and DKO state: enough to train it again to the bit).
     """
 
     def __init__(self, entries: list | None = None):
@@ -98,7 +98,7 @@ class TrunkLog:
             self._entries.popitem(last=False)
 
     def after(self, step: int) -> list[list]:
-        """``[request_id, schedule, end_step]`` of the answered segments ending after ``step``, in step order."""
+        """``[request_id, request, end_step]`` of the answered windows ending after ``step``, in step order."""
         return sorted((row for row in self.state() if row[2] > step), key=lambda row: row[2])
 
     def state(self) -> list[list]:
@@ -125,7 +125,7 @@ class ScheduleBroker:
         self._worker_seen: float | None = None  # monotonic time of the last worker contact
         self._worker_info: dict = {}
         self._policy: dict | None = None  # the DKO weights and context the driver published last
-        self._trunk = TrunkLog()  # answered trunk segments, for a restarted group to replay
+        self._trunk = TrunkLog()  # answered windows, for a restarted group to replay
 
     # ------------------------------------------------------------------ policy (driver -> checkpoints)
 
@@ -266,7 +266,7 @@ class ScheduleBroker:
             self._cond.notify_all()
 
     async def replay_from(self, step: int) -> list[list]:
-        """The answered trunk segments ending after ``step`` (a restarted group's checkpoint step):
+        """The answered windows ending after ``step`` (a restarted group's checkpoint step):
         ``[request_id, schedule, end_step]``, in step order; see the module docstring, Replay."""
         self._touch_worker()
         return self._trunk.after(int(step))
@@ -492,7 +492,7 @@ class BrokerClient:
             detail += f"; the workers were last seen {st['worker_idle_s']:.1f} s ago"
         if self.max_wait_s is not None and elapsed >= self.max_wait_s:
             detail += f"; waited {elapsed:.1f} s, over the limit of {self.max_wait_s:g} s"
-        return f"{msg} ({detail}; raise rl.broker_timeout_s if segments legitimately take longer)"
+        return f"{msg} ({detail}; raise rl.broker_timeout_s if windows legitimately take longer)"
 
     # ------------------------------------------------------------------ worker side
 

@@ -216,7 +216,7 @@ def train_akod(cfg: Config, data_dir: str | None, run_id: str | None = None, cal
 def train_akod_local(cfg: Config, data, device: str | torch.device = "cpu") -> dict:
     """The AKOD arm in this process: the loop (LocalEnv) in a thread, PPO here, a LocalBroker between.
 
-    Every cost of the arm (training, branches, rewards, PPO) lands in this one process, so a
+    Every cost of the arm (training, credits, the probe gradient, PPO) lands in this one process, so a
     ``train.budget_clock=cpu`` budget counts all of it. ``data`` is a TrainingData.
     """
     from akod_ray.rl.local_broker import LocalBroker, local_broker_client
