@@ -19,8 +19,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /home/ray/akod_ray
 
 # Dependencies first, in their own layer: code changes do not reinstall torch.
-# requirements.txt pins ray[default,rllib,train,tune]==2.60.0 (the base image's Ray, so
-# pip only adds the missing extras), torch, torchvision, pytorch-fid, ...
+# requirements.txt holds the runtime pins only (pyproject.toml's dependencies; no test tools):
+# ray[default,rllib,train,tune]==2.60.0 (the base image's Ray, so pip only adds the missing
+# extras), torch, torchvision, pytorch-fid, ...
 COPY --chown=ray:users requirements.txt ./requirements.txt
 RUN pip install -r requirements.txt \
  && python -c "import ray; assert ray.__version__ == '2.60.0', ray.__version__"
@@ -32,9 +33,16 @@ RUN python -c "from pytorch_fid.inception import fid_inception_v3; fid_inception
  && test -s "$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"
 
 # The project itself (see .dockerignore for what stays out), without touching the
-# pinned dependencies above. `ray job submit --working-dir .` ships your checkout on top.
+# pinned dependencies above and without its `test` extra. `ray job submit --working-dir .`
+# ships your checkout on top.
 COPY --chown=ray:users . .
 RUN pip install --no-deps . \
  && python -c "import akod_ray"
+
+# The optional integrations a cluster run may ask for: pyproject's `mlflow` extra (run.tracking: mlflow, and
+# `mlflow server` on the head: docs/cluster.md) and `optuna` extra (sweep.search: optuna); never the `test` extra.
+# The project's own pins are exact, so the resolver keeps the dependencies installed above.
+RUN pip install ".[mlflow,optuna]" \
+ && python -c "import mlflow, optuna, ray; assert ray.__version__ == '2.60.0', ray.__version__"
 
 USER ray

@@ -1,4 +1,4 @@
-"""`akod` command line: train | sweep | sample | fid | report | data prepare.
+"""`akod` command line: train | sweep | sample | export | fid | report | data prepare.
 
 Thin: parse, build the config, check what the config alone cannot (:mod:`akod_ray.preflight`),
 call one function. A user error (AkodError) prints one line naming the field or file and exits
@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="schedule file (e.g. a learned schedule.json) instead of the checkpoint's")
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("export", help="write a checkpoint's EMA model as a diffusers pipeline (safetensors, JSON)")
+    p.add_argument("checkpoint", help="checkpoint folder (checkpoint_XXXXXXXX) or a run folder (its latest)")
+    p.add_argument("--out", required=True, help="folder to write (new, or an earlier export, which is replaced)")
+
     p = sub.add_parser("data", help="datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("prepare", help="download a dataset and write it as Parquet")
@@ -183,10 +187,13 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
+    from akod_ray.evaluation.fid_run import prepare_inception_reference
     from akod_ray.preflight import preflight_train
     from akod_ray.run import train
+    from akod_ray.training.trainer import data_dir_for
 
     preflight_train(cfg, args.data_dir)
+    cfg = prepare_inception_reference(cfg, data_dir_for(cfg, args.data_dir), cfg.run_dir)
     with _ray_session(args, cfg.run_dir / "ray.log"):
         start_ray(cfg)
         last = train(cfg, args.data_dir)
@@ -235,30 +242,30 @@ def check_device(text: str):
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from akod_ray.diffusion.process import DiffusionProcess
-    from akod_ray.diffusion.schedules import load_schedule
-    from akod_ray.evaluation.sampling import check_sampling, describe_sampling, sample_as_configured
+    from akod_ray.evaluation.sampling import describe_sampling, sample_checkpoint
     from akod_ray.preflight import check_output_file
     from akod_ray.reporting.grids import save_grid
-    from akod_ray.training.checkpoint import load_for_sampling
 
     device = check_device(args.device)
     out = check_output_file(args.out, "--out")
-    model, process, cfg = load_for_sampling(_checkpoint_path(args.checkpoint), device)
-    if args.schedule:
-        process = DiffusionProcess(load_schedule(args.schedule, cfg.diffusion.T))
-    record = check_sampling(cfg, process, sampler=args.sampler, steps=args.steps, grid=args.grid)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    images = sample_as_configured(cfg, model, process, args.n, g, device, sampler=args.sampler, steps=args.steps,
-                                  eta=args.eta, grid=args.grid)
+    images, record = sample_checkpoint(_checkpoint_path(args.checkpoint), args.n, args.seed, device,
+                                       sampler=args.sampler, steps=args.steps, eta=args.eta, grid=args.grid,
+                                       schedule=args.schedule)
     nrow = max(1, int(round(args.n**0.5)))
     try:
         out = save_grid(images, out, nrow)
     except OSError as e:
         raise AkodError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
     print(f"[akod] wrote {args.n} samples ({describe_sampling(record)}) to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from akod_ray.export import export_checkpoint
+
+    out = export_checkpoint(_checkpoint_path(args.checkpoint), args.out)
+    print(f"[akod] wrote a diffusers pipeline to {out}: AKODPipeline.from_pretrained({str(out)!r}) "
+          "(from akod_ray.pipeline import AKODPipeline)")
     return 0
 
 
@@ -303,16 +310,9 @@ def cmd_fid(args) -> int:
 
 def _checkpoint_path(text: str) -> Path:
     """A checkpoint folder as given, or the latest checkpoint of a run folder."""
-    from akod_ray.errors import CheckpointError
-    from akod_ray.training.checkpoint import latest_checkpoint
+    from akod_ray.training.checkpoint import resolve_checkpoint
 
-    path = Path(text)
-    if path.is_dir() and not (path / "state.pt").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a state.pt under {str(path)!r}")
-        return found
-    return path
+    return resolve_checkpoint(text)
 
 
 def cmd_report(args) -> int:
@@ -328,8 +328,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "sample": cmd_sample, "data": cmd_data, "fid": cmd_fid,
-            "report": cmd_report}
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "sample": cmd_sample, "export": cmd_export, "data": cmd_data,
+            "fid": cmd_fid, "report": cmd_report}
 
 
 def keep_traceback(e: BaseException, folder: Path | None) -> Path:

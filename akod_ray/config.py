@@ -27,12 +27,12 @@ from akod_ray.errors import AkodError, ConfigError
 
 SCHEDULES = ("linear", "cosine", "loglinear", "edm", "laplace", "akod", "file")
 DATA_SOURCES = ("cifar10", "procedural")
-REWARDS = ("improvement", "reference", "paper")
-# How the reward probe's per-level epsilon-MSE profile is weighted into one number (akod_ray/rl/reward.py)
+REWARDS = ("credit", "paper")
+# How the reward probe's per-level epsilon-MSE is weighted into one number, M (akod_ray/training/credit.py)
 REWARD_METRICS = ("eps_uniform", "x0", "eps_edm", "eps_laplace", "eps_sigmoid")
-CREDITS = ("episode", "knot")
+NULL_REWARDS = ("none", "shuffle", "constant")
 DKO_PRIORS = ("loglinear", "edm", "laplace")
-KNOT_SPACINGS = ("uniform", "cosine")
+ADAPTATIONS = ("none", "importance", "edm2")
 BUDGET_CLOCKS = ("wall", "cpu")
 # ddpm and ddim are written here (the reference); dpmpp_2m, unipc, euler and heun are diffusers' schedulers, adaptive
 # takes per-image steps from sigma_local (akod_ray/diffusion/solvers.py, adaptive.py)
@@ -116,6 +116,13 @@ class DiffusionConfig:
     # schedule must stay valid (beta_t <= 0.999 at its last step): the more concentrated, the less it may move up.
     laplace_loc: float = 0.0
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None = L_simple
+    # Online adaptation without RL (akod_ray/training/adaptation.py), on the schedule's table: none | importance (a
+    # loss-history importance sampler over noise levels; the objective stays the schedule's) | edm2 (EDM2's learned
+    # uncertainty weighting of the F-type loss)
+    adaptation: str = "none"
+    adaptation_bins: int = 32  # importance: bins of the schedule's steps
+    adaptation_decay: float = 0.1  # importance: how far each new loss moves its bin's average of loss^2
+    adaptation_floor: float = 0.1  # importance: every bin keeps this share of its uniform-t probability
 
     def __post_init__(self) -> None:
         _check(self.T >= 2, "diffusion.T", "must be >= 2", self.T)
@@ -134,6 +141,17 @@ class DiffusionConfig:
         if self.min_snr_gamma is not None:
             _finite("diffusion.min_snr_gamma", self.min_snr_gamma)
             _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null", self.min_snr_gamma)
+        _check(self.adaptation in ADAPTATIONS, "diffusion.adaptation", f"must be one of {ADAPTATIONS}", self.adaptation)
+        _check(self.adaptation == "none" or self.schedule != "akod", "diffusion.adaptation",
+               "must be none with diffusion.schedule=akod (the DKO sets the distribution)", self.adaptation)
+        _check(self.adaptation == "none" or self.min_snr_gamma is None, "diffusion.adaptation",
+               "must be none with diffusion.min_snr_gamma (one loss weighting at a time)", self.adaptation)
+        _check(2 <= self.adaptation_bins <= self.T, "diffusion.adaptation_bins", f"must be in [2, diffusion.T={self.T}]",
+               self.adaptation_bins)
+        for name in ("adaptation_decay", "adaptation_floor"):
+            _finite(f"diffusion.{name}", getattr(self, name))
+        _check(0.0 < self.adaptation_decay <= 1.0, "diffusion.adaptation_decay", "must be in (0, 1]", self.adaptation_decay)
+        _check(0.0 < self.adaptation_floor <= 1.0, "diffusion.adaptation_floor", "must be in (0, 1]", self.adaptation_floor)
 
 
 @dataclass(frozen=True)
@@ -181,39 +199,33 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DKOConfig:
     kernel_size: int = 7  # Gaussian filter size k for sigma_local (the paper: 7; swept 3..11)
-    num_knots: int = 16  # schedule segments; the DKO acts once per knot
     hidden: tuple[int, ...] = (64, 64)  # DKO MLP hidden widths
-    logsnr_max: float = 9.21  # log-SNR at t=1 (linear schedule's beta_1 = 1e-4)
+    logsnr_max: float = 9.21  # log-SNR at t=1 (linear schedule's beta_1 = 1e-4); the anchors' and the DKO's range
     logsnr_min: float = -10.13  # log-SNR at t=T (linear schedule's abar_T)
-    min_segment_share: float = 0.1  # share of the log-SNR range spread evenly over segments (keeps slopes > 0)
-    knot_spacing: str = "cosine"  # uniform | cosine (knots denser at both ends, where edm/laplace bend: akod_ray/diffusion/dko.py)
-    # The schedule the DKO's output corrects (a zero output builds it): loglinear | edm | laplace (diffusion.laplace_scale;
-    # the best anchor measured: BENCHMARKS.md, "The pilot")
+    # The schedule whose steps the DKO reweights (a zero output trains exactly on it): loglinear | edm | laplace
+    # (diffusion.laplace_scale; the best anchor measured: BENCHMARKS.md, "The pilot")
     prior: str = "laplace"
-    probe_size: int = 64  # real training images the DKO observes in one episode (drawn afresh, with fresh noise)
-    probe_pool: int = 1024  # training images the probes are drawn from (loaded once by the driver)
+    bins: int = 32  # J: runs of the prior's steps the DKO chooses between (equal prior mass each)
+    floor: float = 0.2  # every bin keeps at least this share of its prior probability (keeps the export valid: dko.py)
+    probe_pool: int = 512  # training images the exported schedule averages the DKO's distribution over
 
     def __post_init__(self) -> None:
         k = self.kernel_size
         _check(k >= 3 and k % 2 == 1, "dko.kernel_size", "must be odd and >= 3", k)
         _check(k <= IMAGE_SIZE, "dko.kernel_size", f"must not exceed the image size {IMAGE_SIZE}", k)
-        _check(self.num_knots >= 2, "dko.num_knots", "must be >= 2", self.num_knots)
-        _at_most("dko.num_knots", self.num_knots, 1000, "PPO steps per episode")
         _check(all(h >= 1 for h in self.hidden) and len(self.hidden) >= 1, "dko.hidden", "must be positive widths", self.hidden)
         _check(len(self.hidden) <= 16 and all(h <= MAX_WIDTH for h in self.hidden), "dko.hidden",
                f"must be at most 16 widths of at most {MAX_WIDTH} (a memory-sized limit)", self.hidden)
-        for name in ("logsnr_max", "logsnr_min", "min_segment_share"):
+        for name in ("logsnr_max", "logsnr_min", "floor"):
             _finite(f"dko.{name}", getattr(self, name))
         _check(self.logsnr_max > self.logsnr_min, "dko.logsnr_max", "must exceed dko.logsnr_min", self.logsnr_max)
         _check(-20.0 <= self.logsnr_min and self.logsnr_max <= 20.0, "dko.logsnr_max",
                "and dko.logsnr_min must lie in [-20, 20] (beta_1 rounds to 0 in float64 beyond)", self.logsnr_max)
-        _check(0.0 < self.min_segment_share < 1.0, "dko.min_segment_share", "must be in (0, 1)", self.min_segment_share)
-        _check(self.knot_spacing in KNOT_SPACINGS, "dko.knot_spacing", f"must be one of {KNOT_SPACINGS}", self.knot_spacing)
         _check(self.prior in DKO_PRIORS, "dko.prior", f"must be one of {DKO_PRIORS}", self.prior)
-        _check(self.probe_size >= 1, "dko.probe_size", "must be >= 1", self.probe_size)
-        _at_most("dko.probe_pool", self.probe_pool, MAX_IMAGES // 10, "images held in float64 by the trial driver")
-        _check(self.probe_pool >= self.probe_size, "dko.probe_pool", f"must be >= dko.probe_size={self.probe_size}",
-               self.probe_pool)
+        _check(2 <= self.bins <= 1000, "dko.bins", "must be in [2, 1000]", self.bins)
+        _check(0.0 < self.floor <= 1.0, "dko.floor", "must be in (0, 1]", self.floor)
+        _check(self.probe_pool >= 1, "dko.probe_pool", "must be >= 1", self.probe_pool)
+        _at_most("dko.probe_pool", self.probe_pool, MAX_IMAGES // 10, "images held by every worker's rank 0")
 
 
 @dataclass(frozen=True)
@@ -300,57 +312,52 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RLConfig:
-    segment_steps: int = 500  # K: denoiser steps trained with each proposed schedule
-    # improvement: relative fall of the reference loss over the segment or branch, (L_before - L_after) / L_before
-    # (isolates the schedule from the drift of training; chosen by measurement, BENCHMARKS.md) |
-    # reference: -L_after, the level of the reference loss (fixed log-SNR grid, cannot be gamed) |
-    # paper: -(loss under the proposed schedule), the paper's literal reward (can be gamed)
-    reward: str = "improvement"
-    # The reward probe: rl.reward_images held-out images x rl.reward_grid log-SNR points (uniform between the DKO's
-    # endpoints), fixed noise; its per-level epsilon-MSE profile, weighted by rl.reward_metric, is what a segment improves:
-    # eps_uniform (plain mean) | x0 (x0-MSE, weights e^-lambda) | eps_edm / eps_laplace (weights: the edm / laplace
-    # densities over log-SNR) | eps_sigmoid (weights sigmoid(2 - lambda)); chosen by its rank correlation with
-    # fid_c10 (bench/reward_referee.py, BENCHMARKS.md)
+    segment_steps: int = 500  # steps of one decision window: one PPO episode, one request to the workers
+    decision_every: int = 8  # every this many steps of a window is a decision step (the window's first included)
+    decision_images: int = 8  # images of a decision step whose bins PPO draws and which get a reward (rank 0's first)
+    # credit: each decision's first-order effect on the reward probe's metric, lr (P grad M) . g_i / (B M) (scaled by
+    # rl.reward_scale) | paper: minus the image's own loss at its noise level (the paper's literal reward; it can be
+    # gamed); akod_ray/rl/reward.py
+    reward: str = "credit"
+    # The reward probe's metric M: the epsilon-MSE weighted over log-SNR by eps_uniform (plain mean) | x0 (x0-MSE) |
+    # eps_edm / eps_laplace (the edm / Laplace(0, 1) densities) | eps_sigmoid (sigmoid(2 - lambda)); chosen by its
+    # rank correlation with fid_c10 (bench/reward_referee.py, BENCHMARKS.md). Its probe points are drawn from it.
     reward_metric: str = "eps_laplace"
-    reward_images: int = 8  # (at most data.val_size are used)
-    reward_grid: int = 24
-    # episode: the whole reward at the episode's last knot | knot: each knot's action is credited with the
-    # improvement of the levels its segment spans (K - 1 rewards an episode, summing to the episode's reward)
-    credit: str = "knot"  # (knot: the actions explain a share of the reward, episode: none; BENCHMARKS.md)
-    reward_scale: float = 100.0  # rewards are multiplied by this (relative improvements are ~1e-3 per segment)
-    branches: int = 0  # M: PPO episodes per segment as short training branches from the trunk's weights (0: the trunk's segments are the episodes)
-    branch_steps: int = 20  # steps of one branch (same batches and noise for every branch of a round)
-    train_batch: int = 4  # schedules (episodes) per PPO iteration
-    minibatch_size: int = 32  # PPO minibatch, in env steps
-    num_epochs: int = 8  # PPO epochs per iteration
+    probe_pairs: int = 32  # (held-out image, level) pairs of the probe gradient grad M, drawn afresh every window
+    reward_images: int = 8  # the fixed reward probe (benches, the policy gain): held-out images ...
+    reward_grid: int = 8  # ... at this many quantiles of the metric's weighting (at most data.val_size images)
+    reward_scale: float = 10000.0  # rewards are multiplied by this (a decision's relative effect is ~1e-4)
+    fd_rel: float = 0.001  # the credit's finite-difference step, a share of the weights' norm
+    kl_coeff: float = 0.1  # weight of KL(pi || prior) in PPO's loss (akod_ray/rl/ppo.py)
+    frozen: bool = False  # the control: the DKO explores exactly as the learner would, PPO never updates it
+    null_reward: str = "none"  # none | shuffle | constant: a control, rewards with no information (akod_ray/rl/reward.py)
+    train_batch: int = 4  # decision windows (episodes) per PPO iteration
+    minibatch_size: int = 128  # PPO minibatch, in decisions
+    num_epochs: int = 4  # PPO epochs per iteration
     lr: float = 3e-4  # PPO learning rate
     broker_timeout_s: float = 600.0  # longest wait for the other side of the broker
 
     def __post_init__(self) -> None:
-        _check(self.segment_steps >= 1, "rl.segment_steps", "must be >= 1", self.segment_steps)
+        for name in ("segment_steps", "decision_every", "decision_images", "probe_pairs", "reward_images",
+                     "reward_grid", "train_batch", "minibatch_size", "num_epochs"):
+            _check(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1", getattr(self, name))
+        _at_most("rl.segment_steps", self.segment_steps, MAX_STEPS)
+        _at_most("rl.decision_every", self.decision_every, MAX_STEPS)
+        _at_most("rl.decision_images", self.decision_images, MAX_BATCH)
         _check(self.reward in REWARDS, "rl.reward", f"must be one of {REWARDS}", self.reward)
         _check(self.reward_metric in REWARD_METRICS, "rl.reward_metric", f"must be one of {REWARD_METRICS}",
                self.reward_metric)
-        _check(self.credit in CREDITS, "rl.credit", f"must be one of {CREDITS}", self.credit)
-        _check(self.credit == "episode" or self.reward == "improvement", "rl.credit",
-               "must be 'episode' unless rl.reward=improvement (only a profile's improvement splits by level)", self.credit)
-        _check(self.reward_images >= 1, "rl.reward_images", "must be >= 1", self.reward_images)
-        _check(self.reward_grid >= 2, "rl.reward_grid", "must be >= 2", self.reward_grid)
-        _at_most("rl.reward_images", self.reward_images, MAX_IMAGES // 10, "held-out images evaluated every segment")
+        _check(self.null_reward in NULL_REWARDS, "rl.null_reward", f"must be one of {NULL_REWARDS}", self.null_reward)
+        _at_most("rl.probe_pairs", self.probe_pairs, MAX_IMAGES // 10, "held-out pairs evaluated every window")
+        _at_most("rl.reward_images", self.reward_images, MAX_IMAGES // 10, "held-out images of the reward probe")
         _at_most("rl.reward_grid", self.reward_grid, 1024)
-        _finite("rl.reward_scale", self.reward_scale)
+        for name in ("reward_scale", "fd_rel", "kl_coeff", "lr", "broker_timeout_s"):
+            _finite(f"rl.{name}", getattr(self, name))
         _check(self.reward_scale > 0, "rl.reward_scale", "must be > 0", self.reward_scale)
-        _check(self.branches >= 0, "rl.branches", "must be >= 0", self.branches)
-        _check(self.branch_steps >= 1, "rl.branch_steps", "must be >= 1", self.branch_steps)
-        for name in ("train_batch", "minibatch_size", "num_epochs"):
-            _check(getattr(self, name) >= 1, f"rl.{name}", "must be >= 1", getattr(self, name))
-        _at_most("rl.segment_steps", self.segment_steps, MAX_STEPS)
-        _at_most("rl.branches", self.branches, 256, "one Ray actor each")
-        _at_most("rl.branch_steps", self.branch_steps, MAX_STEPS)
+        _check(0.0 < self.fd_rel <= 0.1, "rl.fd_rel", "must be in (0, 0.1]", self.fd_rel)
+        _check(self.kl_coeff >= 0, "rl.kl_coeff", "must be >= 0", self.kl_coeff)
         for name, limit in (("train_batch", 4096), ("minibatch_size", 10**6), ("num_epochs", 1000)):
             _at_most(f"rl.{name}", getattr(self, name), limit)
-        for name in ("lr", "broker_timeout_s"):
-            _finite(f"rl.{name}", getattr(self, name))
         _check(self.lr > 0, "rl.lr", "must be > 0", self.lr)
         _check(self.broker_timeout_s > 0, "rl.broker_timeout_s", "must be > 0", self.broker_timeout_s)
         _at_most("rl.broker_timeout_s", self.broker_timeout_s, 7 * 24 * 3600.0, "a week")
@@ -358,6 +365,8 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    FIDS: typing.ClassVar[tuple[str, ...]] = ("c10", "inception", "both")  # eval.fid's values
+
     # ddpm (all T steps) | ddim | dpmpp_2m | unipc | euler | heun (diffusers' schedulers) | adaptive (per-image steps
     # from sigma_local, dko.kernel_size)
     sampler: str = "ddim"
@@ -369,7 +378,15 @@ class EvalConfig:
     sampling_grid: str = "common"
     clip_x0: bool = True  # clip x0_hat to [-1, 1] at every network evaluation, for every sampler (akod_ray/diffusion/samplers.py)
     fid_every: int = 0  # steps between offline-FID evaluations during training; 0 = only at the end
-    fid_samples: int = 1000
+    fid_samples: int = 1000  # samples per evaluation, spread over the run's workers (each samples its share)
+    # which FID the runs record and the sweep table and report show: c10 (the offline fid_c10) | inception (pytorch-fid's
+    # Inception FID; fid_c10 stays in metrics.jsonl, which the progress line reads) | both. Inception FID needs the
+    # pytorch-fid weights (AKOD_INCEPTION_WEIGHTS, or torch's hub cache); without them one line says so and runs record
+    # fid_c10 only (akod_ray/evaluation/fid_run.py)
+    fid: str = "both"
+    # Inception reference statistics (.npz of `akod fid stats --feature inception`); null: `akod train` / `akod sweep`
+    # compute them once from the training images into the run (sweep) folder, fid_ref_inception.npz
+    inception_ref: str | None = None
     grid_size: int = 8  # sample grid is grid_size x grid_size
     target_ref_loss: float | None = None  # time-to-target threshold on the reference loss
     target_fid: float | None = None  # time-to-target threshold on FID / offline FID
@@ -385,6 +402,9 @@ class EvalConfig:
         _check(self.fid_every >= 0, "eval.fid_every", "must be >= 0", self.fid_every)
         _at_most("eval.fid_every", self.fid_every, MAX_STEPS)
         _check(self.fid_samples >= 2, "eval.fid_samples", "must be >= 2", self.fid_samples)
+        _check(self.fid in self.FIDS, "eval.fid", f"must be one of {self.FIDS}", self.fid)
+        _check(self.inception_ref is None or (isinstance(self.inception_ref, str) and self.inception_ref.strip() != ""),
+               "eval.inception_ref", "must be a path to an .npz or null", self.inception_ref)
         _at_most("eval.fid_samples", self.fid_samples, MAX_IMAGES // 10, "samples held in memory")
         _check(self.grid_size >= 1, "eval.grid_size", "must be >= 1", self.grid_size)
         _at_most("eval.grid_size", self.grid_size, 64, "grid_size**2 samples")
@@ -394,20 +414,38 @@ class EvalConfig:
                 _check(getattr(self, name) >= 0, f"eval.{name}", "must be >= 0 or null", getattr(self, name))
 
 
-# Each arm is a schedule and a network (DESIGN 1.7): "plain" = DDPM U-Net (MSFI and beta-modulation off),
-# "akod" = the AKOD U-Net (both on).
-ARMS = ("baseline", "cosine", "min_snr", "loglinear", "edm", "laplace", "msfi_only", "dko_only", "akod")
-ARM_SPECS = {  # arm -> (diffusion.schedule, Min-SNR weighting, AKOD U-Net)
-    "baseline": ("linear", False, False),
-    "cosine": ("cosine", False, False),
-    "min_snr": ("cosine", True, False),
-    "loglinear": ("loglinear", False, False),
-    "edm": ("edm", False, False),
-    "laplace": ("laplace", False, False),
-    "msfi_only": ("cosine", False, True),
-    "dko_only": ("akod", False, False),
-    "akod": ("akod", False, True),
+@dataclass(frozen=True)
+class ArmSpec:
+    """An arm of a comparison (DESIGN 1.7): its schedule and switches, set from the arm, never from the base config."""
+
+    schedule: str  # diffusion.schedule ("akod": the DKO's distribution over the dko.prior's steps)
+    min_snr: bool = False  # Min-SNR-gamma loss weights (sweep.min_snr_gamma)
+    akod_unet: bool = False  # the AKOD U-Net (MSFI and beta-modulation on); else the plain DDPM U-Net
+    adaptation: str = "none"  # diffusion.adaptation: online adaptation without RL
+    frozen: bool = False  # rl.frozen: the DKO explores as the learner would, without PPO updates
+
+    def switches(self) -> dict:
+        """The config fields the arm sets: {section: {field: value}} (min_snr_gamma: True for "the sweep's")."""
+        return {"diffusion": {"schedule": self.schedule, "adaptation": self.adaptation},
+                "model": {"msfi": self.akod_unet, "beta_modulation": self.akod_unet},
+                "rl": {"frozen": self.frozen}}
+
+
+ARM_SPECS = {
+    "baseline": ArmSpec("linear"),  # the paper's baseline
+    "cosine": ArmSpec("cosine"),
+    "min_snr": ArmSpec("cosine", min_snr=True),
+    "loglinear": ArmSpec("loglinear"),
+    "edm": ArmSpec("edm"),
+    "laplace": ArmSpec("laplace"),  # the DKO's prior by default, the best fixed arm measured
+    "importance": ArmSpec("laplace", adaptation="importance"),  # online, no RL: a loss-history importance sampler
+    "edm2": ArmSpec("laplace", adaptation="edm2"),  # online, no RL: EDM2's learned uncertainty weighting
+    "msfi_only": ArmSpec("laplace", akod_unet=True),  # the AKOD U-Net on the fixed prior: the network's own effect
+    "dko_frozen": ArmSpec("akod", frozen=True),  # the control: the learner's exploration without its updates
+    "dko_only": ArmSpec("akod"),
+    "akod": ArmSpec("akod", akod_unet=True),
 }
+ARMS = tuple(ARM_SPECS)
 
 
 def search_ranges(entries: tuple[str, ...]) -> dict[str, tuple[float, float, bool]]:
@@ -434,7 +472,7 @@ def search_ranges(entries: tuple[str, ...]) -> dict[str, tuple[float, float, boo
 @dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"  # the Tune experiment folder under run.root; rerun with --resume to continue it
-    arms: tuple[str, ...] = ARMS  # baseline | cosine | min_snr | loglinear | edm | laplace | msfi_only | dko_only | akod (ARM_SPECS)
+    arms: tuple[str, ...] = ARMS  # the arms of ARM_SPECS: baseline | cosine | min_snr | loglinear | edm | laplace | importance | edm2 | msfi_only | dko_frozen | dko_only | akod
     kernel_sizes: tuple[int, ...] = (7,)  # DKO filter sizes k swept for the akod arm
     seeds: tuple[int, ...] = (0,)
     min_snr_gamma: float = 5.0  # gamma of the min_snr arm (Hang et al. 2023)
@@ -503,14 +541,15 @@ class SweepConfig:
                    "comparison gives every arm its whole budget)", self.scheduler)
             return
         arm = self.arms[0]
-        _check(len(self.arms) == 1 and ARM_SPECS[arm][0] not in ("akod", "file"), "sweep.arms",
+        spec = ARM_SPECS[arm]
+        _check(len(self.arms) == 1 and spec.schedule not in ("akod", "file") and spec.adaptation == "none", "sweep.arms",
                "must list one fixed-schedule arm with sweep.search=optuna (the schedule whose parameters are searched)",
                self.arms)
         _check(len(self.seeds) == 1, "sweep.seeds", "must list one seed with sweep.search=optuna", self.seeds)
         _check(len(space) >= 1, "sweep.search_space", "must list at least one field with sweep.search=optuna",
                self.search_space)
         for key in space:
-            _check(not key.startswith("diffusion.laplace_") or ARM_SPECS[arm][0] == "laplace", "sweep.search_space",
+            _check(not key.startswith("diffusion.laplace_") or spec.schedule == "laplace", "sweep.search_space",
                    f"searches {key}, which only the laplace arm uses, but sweep.arms is {[arm]}", self.search_space)
 
 
@@ -570,12 +609,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
-        d, k = self.diffusion, self.dko.num_knots
-        # Every action sequence gives beta_t <= 0.999 iff no segment drops log-SNR by more than
-        # ln(1000) per step; the steepest segment spans (T - 1) / K steps and drops the whole range.
-        drop = k * (self.dko.logsnr_max - self.dko.logsnr_min) / (d.T - 1)
-        _check(drop <= 6.9, "dko.num_knots", f"is too many for diffusion.T={d.T}: one segment could drop log-SNR by "
-               f"{drop:.2f} per step (> ln 1000); use fewer knots or a larger T", k)
+        d = self.diffusion
         _check(self.data.val_size >= self.train.num_workers, "data.val_size",
                f"must be >= train.num_workers={self.train.num_workers} (every worker evaluates its share of the "
                "held-out images)", self.data.val_size)
@@ -620,18 +654,28 @@ class Config:
             _check(self.rl.reward_images >= self.train.num_workers, "rl.reward_images",
                    f"must be >= train.num_workers={self.train.num_workers} (every worker scores its share)",
                    self.rl.reward_images)
-            from akod_ray.diffusion.dko import prior_actions
+            _check(self.dko.bins <= d.T, "dko.bins", f"must be <= diffusion.T={d.T} (a bin holds whole steps)",
+                   self.dko.bins)
+            micro = tc.batch_size // (tc.num_workers * tc.grad_accum)
+            _check(self.rl.decision_images <= micro, "rl.decision_images", f"must be <= {micro}, the images of one "
+                   "micro-batch of a worker (train.batch_size / (train.num_workers * train.grad_accum))",
+                   self.rl.decision_images)
+            from akod_ray.diffusion.dko import NoiseBins
+            from akod_ray.diffusion.schedules import anchor_logsnr
 
-            try:  # the prior's knots must be within the builder's reach (each segment's minimum drop)
-                prior_actions(self.dko.prior, d.T, k, self.dko.logsnr_max, self.dko.logsnr_min,
-                              self.dko.min_segment_share, d.laplace_scale, self.dko.knot_spacing)
+            try:  # the prior must be a valid schedule at this T, and stay valid stretched to the DKO's floor
+                lam = anchor_logsnr(self.dko.prior, d.T, self.dko.logsnr_max, self.dko.logsnr_min, d.laplace_scale)
+                from akod_ray.diffusion.schedules import anchor_betas
+
+                anchor_betas(self.dko.prior, d.T, self.dko.logsnr_max, self.dko.logsnr_min, d.laplace_scale)
             except ValueError as e:
-                raise ConfigError(f"dko.prior {self.dko.prior!r} is out of the DKO's reach with dko.num_knots={k}, "
-                                  f"dko.knot_spacing={self.dko.knot_spacing!r}, dko.min_segment_share="
-                                  f"{self.dko.min_segment_share}: {e}") from None
-            _check(self.rl.branches == 0 or self.rl.train_batch % self.rl.branches == 0, "rl.train_batch",
-                   f"must be a multiple of rl.branches={self.rl.branches} (a PPO iteration takes whole branch rounds)",
-                   self.rl.train_batch)
+                raise ConfigError(f"dko.prior {self.dko.prior!r} is not a valid schedule at diffusion.T={d.T} within "
+                                  f"[dko.logsnr_min, dko.logsnr_max]: {e}") from None
+            from akod_ray.diffusion.dko import floor_problem
+
+            problem = floor_problem(lam, NoiseBins(d.T, self.dko.bins), self.dko.floor)
+            _check(problem is None, "dko.floor", f"is too small for dko.bins={self.dko.bins} of the {self.dko.prior} prior "
+                   f"at diffusion.T={d.T}: {problem}; raise dko.floor", self.dko.floor)
             _check(self.train.ckpt_every % self.rl.segment_steps == 0, "train.ckpt_every",
                    f"must be a multiple of rl.segment_steps={self.rl.segment_steps} for the akod schedule "
                    "(checkpoints fall on segment ends)", self.train.ckpt_every)
@@ -641,9 +685,8 @@ class Config:
         config (a laplace schedule's validity is monotone in its scale and centre, so the corners decide)."""
         ranges = search_ranges(self.sweep.search_space)
         arm = self.sweep.arms[0]
-        schedule, min_snr, akod_unet = ARM_SPECS[arm]
         base = dataclasses.replace(self, sweep=dataclasses.replace(self.sweep, search="grid", scheduler="none"),
-                                   diffusion=dataclasses.replace(self.diffusion, schedule=schedule))
+                                   diffusion=dataclasses.replace(self.diffusion, schedule=ARM_SPECS[arm].schedule))
         for corner in itertools.product(*[(low, high) for low, high, _ in ranges.values()]):
             changes: dict[str, dict[str, float]] = {}
             for key, value in zip(ranges, corner):
@@ -748,6 +791,11 @@ RENAMED = {("eval", "ddim_steps"): "sampler_steps"}  # configs (and checkpoints)
 # What a checkpoint's stored config meant by a field it does not have: the behaviour of the code that wrote it
 # (a file config without the field gets today's default)
 CHECKPOINT_DEFAULTS = {("model", "noise_cond"): "schedule"}
+# Fields (and values) of version 2's knot-by-knot DKO that a checkpoint's stored config may hold: dropped when a
+# checkpoint is read (its weights and betas are all sampling needs), never accepted in a config file
+RETIRED_FIELDS = {("dko", "num_knots"), ("dko", "min_segment_share"), ("dko", "knot_spacing"), ("dko", "probe_size"),
+                  ("rl", "credit"), ("rl", "branches"), ("rl", "branch_steps")}
+RETIRED_VALUES = {("rl", "reward"): ("improvement", "reference")}
 
 
 def config_from_dict(data: dict) -> Config:

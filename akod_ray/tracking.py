@@ -6,7 +6,7 @@ artifacts in ``<run.root>/mlartifacts``; MLflow 3 refuses plain file stores):
 
 - params: the resolved config, flattened (``train.batch_size``, ...);
 - metrics: every metrics.jsonl record at its step (loss, ref_loss, fid_c10, ...), PPO's iterations
-  (``ppo/episode_return_mean`` at the iteration) from ``RUN/rl/iterations.jsonl``;
+  (``ppo/episode_return_mean``, ``ppo/prior_kl``, ... at the iteration) from ``RUN/rl/iterations.jsonl``;
 - artifacts: ``schedule.json`` and ``scheduler_config.json`` (``schedule/``), the sample grids (``samples/``) and
   the run's report (``report/``).
 
@@ -36,8 +36,12 @@ from akod_ray.config import Config, config_to_dict
 from akod_ray.errors import AkodError, ConfigError
 
 RUN_FILE = "mlflow_run.json"  # {"run_id", "experiment_id", "tracking_uri", "writer": "train" | "tune"}
-PPO_KEYS = ("episode_return_mean", "num_episodes", "samples_trained", "sample_updates")  # of RUN/rl/iterations.jsonl
-SKIP_METRICS = {"step", "kernel_size", "seed", "fid_c10_n", "fid_c10_final_n"}  # identities and sample counts, not curves
+# of RUN/rl/iterations.jsonl (v3's driver: the return is of rewards centred in their window, so about 0; the
+# learner's KL to the prior, entropy and value-function fit say more)
+PPO_KEYS = ("episode_return_mean", "num_episodes", "samples_trained", "sample_updates", "prior_kl", "entropy",
+            "vf_explained_var")
+# identities and sample counts, not curves
+SKIP_METRICS = {"step", "kernel_size", "seed", "fid_c10_n", "fid_n", "fid_c10_final_n"}
 MAX_BATCH = 100  # params (and metrics) per MLflow log_batch call: the REST API's limit for params
 
 
@@ -240,7 +244,8 @@ def ppo_iterations(run_dir: Path) -> list[dict]:
 
 
 def ppo_to_tensorboard(run_dir: Path) -> None:
-    """PPO's return (and sample counts) per iteration into TensorBoard, ``RUN/tb/ppo`` (rewritten whole each time)."""
+    """PPO's iterations (return, sample counts, KL to the prior, ...) into TensorBoard, ``RUN/tb/ppo`` (rewritten whole
+    each time)."""
     iterations = ppo_iterations(run_dir)
     if not iterations:
         return

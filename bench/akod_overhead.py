@@ -5,21 +5,21 @@
 Runs the AKOD arm end to end in this process (a local Ray with 2 CPUs, the ScheduleBroker,
 1 Ray Train worker with both CPUs, PPO with the DKO as policy), from tune_configs/tiny_akod.yaml
 scaled up to a CPU-sized run: a U-Net of channels (32,32,64,64), batch 32 of real CIFAR-10
-images, 8 knots on a 32-image probe, PPO iterations of 2 schedules (segments), the reward the
-reference protocol (8 log-SNR points x 64 held-out images), a metrics record at every segment
-end, a Train checkpoint every 2 segments, and at the end a 2x2 DDIM-10 sample grid and fid_c10
-of 256 samples. The default run: 1000 steps in segments of rl.segment_steps = 200 (the shipped
-default is 500; the paper config uses 2000), i.e. 2 PPO iterations, then the learned schedule
-for the last segment. Several --segment-steps values run one after the other (the figure is
+images, the DKO over 32 bins of the laplace prior, 8 decision images every 4 steps of a window,
+PPO iterations of 2 windows, the probe gradient on 32 (image, level) pairs per window, a metrics
+record at every window end, a Train checkpoint every 2 windows, and at the end a 2x2 DDIM-10 sample
+grid and fid_c10 of 256 samples. The default run: 1000 steps in windows of rl.segment_steps = 200
+(the shipped default is 500). Several --segment-steps values run one after the other (the figure is
 the first one's).
 
 Definitions (the run's own timers; metrics.jsonl records train_s, other_<kind>_s and wall_s):
   akod_non_training_wall_fraction = 1 - train_s / wall_s of the worker's loop, where wall_s is
   the whole call of akod_ray.training.loop.run_training on rank 0 (setup, every step, the
   end-of-run evaluation and the last checkpoint) and train_s the time inside denoiser train
-  steps. Kinds: reward (the segment's reference loss, all-reduced, posted to the broker),
-  schedule_wait (rank 0 waiting for PPO's next schedule: PPO update, probe computation, broker
-  round trips), metrics, checkpoint (Train reports), fid and samples (end of run).
+  steps. Kinds: credit (the decision images' finite differences inside the steps), reward (the
+  window's end: the probe gradient for the next window, the next window's slots, the post),
+  schedule_wait (rank 0 waiting for PPO's next decisions: PPO update, broker round trips), metrics,
+  checkpoint (Train reports), fid and samples (end of run).
   Also reported: the fraction without the end-of-run evaluation (every arm pays it alike) and
   end to end (train_s over the whole train_akod call plus ray.init: Ray, Train and RLlib start).
 To get the timers of the end of the run (the last metrics record is written before the final
@@ -50,8 +50,8 @@ BASE = [
     "data.train_subset=4096", "data.val_size=64",
     "train.batch_size=32", "train.cpus_per_worker=2", "train.num_workers=1", "train.bf16=true",
     "train.channels_last=true", "train.warmup_steps=20", "train.ref_grid=8", "train.val_batch=64",
-    "rl.train_batch=2", "rl.minibatch_size=14", "rl.num_epochs=4", "rl.broker_timeout_s=600",
-    "dko.num_knots=8", "dko.probe_size=32",
+    "rl.train_batch=2", "rl.minibatch_size=64", "rl.num_epochs=4", "rl.broker_timeout_s=600",
+    "rl.decision_every=4", "rl.decision_images=8", "dko.bins=32", "dko.probe_pool=512",
     "eval.fid_samples=256", "eval.sampler_steps=10", "eval.grid_size=2",
     "run.num_cpus=2", "run.dashboard=false",
 ]

@@ -1,35 +1,37 @@
-"""The paper's question at the largest scale this 2-core CPU allows, version 2 (issue 16): does a
-PPO-learned, data-adaptive training distribution train faster than strong fixed ones?
+"""The paper's question at the largest scale this 2-core CPU allows, version 3 (issue 21): does a
+PPO-learned, data-adaptive training distribution train faster than strong fixed ones, and than online
+adaptation without RL?
 
 Design:
-- Arms ``baseline`` (linear), ``cosine``, ``loglinear``, ``edm``, ``laplace`` (fixed), ``dko_only``
-  (plain U-Net, learned schedule) and ``akod`` (AKOD U-Net, learned schedule); ``--arms`` adds
-  ``dko_scratch`` (dko_only with the loglinear prior: the DKO learning from the uniform start);
-  seeds 0, 1, 2 (``--seeds``); real CIFAR-10 (all 50,000 training images).
-- The same budget for every arm: ``--budget`` seconds of the run process's CPU time, one torch
-  thread per run (``train.budget_clock=cpu``); everything but evaluation counts (AKOD's reward
-  probe, observations and PPO updates: the whole AKOD arm runs in one process,
-  ``akod_ray.rl.driver.train_akod_local``). Two runs side by side (``--workers 2``), the arms
-  interleaved in time so the load beside a run hits every arm alike.
-- The referee is fid_c10 (the shipped CIFAR-10 classifier's Frechet distance, never called FID)
-  on the common sampling grid (uniform in log-SNR between the shared endpoints: every arm is sampled
-  the same way, so the comparison judges training only), ``--sampler`` at 20 evaluations (the best
-  at that budget by bench/sampling.py; version 2 ran with DDIM-20), x0 clipped: at step 0 and every
-  ``eval.fid_every`` steps with N = 500 during the run (the curves and time-to-target), and
-  N = 2,000 from the final EMA weights, on the common grid and on the arm's own schedule as its grid.
-- The DKO (v2): 16 cosine-spaced knots, a correction to a prior schedule (``--prior``, the anchor
-  the pilot found best: bench/reward_referee.py), one decision per ``rl.segment_steps`` trunk
-  steps, the reward the relative fall of the reward probe's weighted loss profile over the segment
-  (``--reward-metric``, chosen by its rank correlation with fid_c10 in the pilot), credited per
-  knot. The samples that reach PPO and the share of the budget learning costs are recorded.
-- PPO's learning: from each learned-schedule run's final checkpoint, the reward of the final
-  policy's schedule against the prior's (the initial policy), paired with common random numbers,
-  ``--gain-reps`` draws of ``--gain-steps`` branch steps; the seeds are the independent units.
+- Arms (``--arms``): ``laplace`` and ``edm`` (fixed anchors), ``importance`` and ``edm2`` (online adaptation
+  without RL on the laplace table: a loss-history importance sampler; EDM2's learned uncertainty weighting),
+  ``msfi_only`` (the AKOD U-Net on the laplace table: the network's own effect), ``dko_frozen`` (the learner's
+  exploration without its updates: the price of exploring), ``dko_only`` (plain U-Net, learned) and ``akod``
+  (AKOD U-Net, learned); seeds 0-4 (``--seeds``); real CIFAR-10 (all 50,000 training images).
+- The same budget for every arm: ``--budget`` seconds of the run process's CPU time, one torch thread per
+  run (``train.budget_clock=cpu``); everything but evaluation counts (the credits, the probe gradient, PPO's
+  updates: the whole AKOD arm runs in one process, ``akod_ray.rl.driver.train_akod_local``). Two runs side by
+  side (``--workers 2``), the arms interleaved in time so the load beside a run hits every arm alike. A second
+  budget is the same command with ``--budget 720 --out bench/akod_science/budget2x``.
+- The referee is fid_c10 (the shipped CIFAR-10 classifier's Frechet distance, never called FID) on the common
+  sampling grid (uniform in log-SNR between the shared endpoints: every arm is sampled the same way, so the
+  comparison judges training only), ``--sampler`` at 20 evaluations, x0 clipped: at step 0 and every
+  ``eval.fid_every`` steps with N = 500 during the run (the curves and time-to-target), and N = 2,000 from the
+  final EMA weights, on the common grid and on the arm's own schedule as its grid.
+- The DKO (v3, docs/design.md): a distribution over 32 bins of the laplace prior's steps, per image from its
+  sigma_local, exploring by being the training distribution; one reward per decision (the credit of
+  akod_ray/training/credit.py), ``rl.decision_images`` images every ``rl.decision_every`` steps of 30-step
+  windows; PPO with a pull towards the prior (``rl.kl_coeff``). Recorded: the decisions that reached PPO, the
+  share of the budget learning cost, the distribution the trunk trained on (realised and intended) against the
+  prior, PPO's iterations.
+- PPO's learning: from each learned run's final checkpoint, the fixed reward probe's relative fall under the
+  final exported distribution against the prior's, paired with common random numbers, ``--gain-reps`` draws
+  of ``--gain-steps`` branch steps; the seeds are the independent units.
 
-Runs are resumable: each finished run writes ``<out>/results/<arm>_s<seed>.json`` and is skipped on
-the next invocation; an unfinished run starts over. ``--report`` aggregates (akod_science_report.py).
+Runs are resumable: each finished run writes ``<out>/results/<arm>_s<seed>.json`` and is skipped on the next
+invocation; an unfinished run starts over. ``--report`` aggregates (akod_science_report.py).
 
-    .venv/bin/python bench/akod_science.py --workers 2          # the runs (about 2 hours)
+    .venv/bin/python bench/akod_science.py --workers 2          # the runs (hours)
     .venv/bin/python bench/akod_science.py --report             # tables, plots, results.json
 """
 
@@ -45,10 +47,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA_DIR, ROOT, loadavg, run_workers  # noqa: E402
 
-ARMS = ["baseline", "cosine", "loglinear", "edm", "laplace", "dko_only", "akod"]
-VARIANTS = {"dko_scratch": ("dko_only", ["dko.prior=loglinear"])}  # bench-only arms: an ARM_SPECS arm + overrides
-LEARNED = ("dko_only", "akod", "dko_scratch")
-SEEDS = [0, 1, 2]
+ARMS = ["laplace", "edm", "importance", "edm2", "msfi_only", "dko_frozen", "dko_only", "akod"]
+# bench-only arms: an ARM_SPECS arm + overrides. dko_null: the null-reward control at the experiment's scale (the
+# credits shuffled among each window's decisions before PPO sees them: it must stay at the prior)
+VARIANTS: dict[str, tuple[str, list[str]]] = {"dko_null": ("dko_only", ["rl.null_reward=shuffle"])}
+LEARNED = ("dko_only", "akod", "dko_frozen", "dko_null")  # arms whose distribution comes from the DKO
+SEEDS = [0, 1, 2, 3, 4]
 OUT = ROOT / "bench" / "akod_science"
 REFEREE_SAMPLER = "heun"  # the best sampler at 20 evaluations by bench/sampling.py (BENCHMARKS.md, "Sampling")
 
@@ -56,17 +60,16 @@ BASE = [  # the experiment's config (set here so the bench is self-contained)
     "model.channels=[16,32,32,64]", "model.bottleneck_channels=64", "model.num_res_blocks=1",
     "model.attention_resolutions=[]", "model.dropout=0.0",
     "diffusion.T=1000",
-    "dko.kernel_size=7", "dko.num_knots=16", "dko.knot_spacing=cosine", "dko.min_segment_share=0.1",
-    "dko.probe_size=32", "dko.probe_pool=512",
+    "dko.kernel_size=7", "dko.bins=32", "dko.floor=0.2", "dko.probe_pool=512",
     "data.source=cifar10", "data.val_size=96",
-    "train.steps=4000", "train.batch_size=32", "train.lr=0.0005", "train.warmup_steps=100", "train.ema_decay=0.995",
+    "train.steps=6000", "train.batch_size=32", "train.lr=0.0005", "train.warmup_steps=100", "train.ema_decay=0.995",
     "train.bf16=true", "train.num_workers=1", "train.cpus_per_worker=1", "train.log_every=300",
     "train.ckpt_every=1200", "train.sample_every=100000", "train.num_to_keep=4", "train.budget_clock=cpu",
     "train.ref_grid=8", "train.val_batch=96",
-    "rl.segment_steps=30", "rl.branches=0", "rl.train_batch=8", "rl.minibatch_size=60", "rl.num_epochs=6",
-    "rl.lr=0.0003", "rl.reward=improvement", "rl.reward_images=8", "rl.reward_grid=24", "rl.credit=knot",
-    "rl.reward_scale=100", "rl.broker_timeout_s=900",
-    "eval.sampler_steps=20", "eval.sampling_grid=common", "eval.fid_every=300",
+    "rl.segment_steps=30", "rl.decision_every=4", "rl.decision_images=8", "rl.train_batch=4", "rl.minibatch_size=96",
+    "rl.num_epochs=4", "rl.lr=0.0003", "rl.reward=credit", "rl.reward_images=8", "rl.reward_grid=8",
+    "rl.probe_pairs=32", "rl.broker_timeout_s=900",
+    "eval.sampler_steps=20", "eval.sampling_grid=common", "eval.fid_every=400",
     "eval.fid_samples=500", "eval.grid_size=4",
 ]
 
@@ -80,11 +83,12 @@ def run_config(arm: str, seed: int, budget: float, out: Path, extra: list[str]):
     from akod_ray.config import ARM_SPECS, load_config
 
     base_arm, variant = arm_spec(arm)
-    schedule, min_snr, akod_unet = ARM_SPECS[base_arm]
+    spec = ARM_SPECS[base_arm]
+    switches = [f"{section}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                for section, fields in spec.switches().items() for k, v in fields.items()]
     sets = [*BASE, f"data.data_dir={DATA_DIR}", f"run.root={out / 'runs'}", f"run.name={arm}_s{seed}",
-            f"train.seed={seed}", f"data.seed={seed}", f"train.max_wall_s={budget}",
-            f"diffusion.schedule={schedule}", f"diffusion.min_snr_gamma={5.0 if min_snr else 'null'}",
-            f"model.msfi={str(akod_unet).lower()}", f"model.beta_modulation={str(akod_unet).lower()}", *extra, *variant]
+            f"train.seed={seed}", f"data.seed={seed}", f"train.max_wall_s={budget}", *switches,
+            f"diffusion.min_snr_gamma={5.0 if spec.min_snr else 'null'}", *extra, *variant]
     return load_config(None, sets)
 
 
@@ -153,38 +157,89 @@ def final_fid(cfg, n: int, seed: int) -> dict:
 
 
 def policy_gain(cfg, data, steps: int, reps: int) -> dict:
-    """Paired reward of the final policy's schedule against the prior's (the initial policy), from the final
-    checkpoint: each draw trains both from the same weights with the same batches, t and noise."""
-    from akod_ray.diffusion.dko import DKO, learned_schedule
+    """Paired reward of the final learned distribution against the prior's, from the final checkpoint: each
+    draw trains both (uniform t on the exported schedule, which trains on the DKO's marginal; and on the prior
+    anchor) from the same weights with the same batches, t and noise draws, and scores the fixed reward probe's
+    relative fall (x 100)."""
     from akod_ray.diffusion.process import DiffusionProcess
-    from akod_ray.rl.driver import make_observer, probe_pool_of
-    from akod_ray.rl.reward import reward_from
+    from akod_ray.diffusion.schedules import load_schedule
+    from akod_ray.rl.worker_source import prior_process
     from akod_ray.training.checkpoint import latest_checkpoint, load_state
     from akod_ray.training.local import LocalEnv
     from akod_ray.training.loop import FixedSchedule, TrainingRun
 
     state = load_state(latest_checkpoint(cfg.run_dir))
-    dko = state["schedule_source"]["dko"]
-    observer = make_observer(cfg, probe_pool_of(cfg, data.train))
-    final = learned_schedule(dko, observer, cfg.dko.hidden)
-    initial = learned_schedule({"weights": DKO(cfg.dko.hidden).state_dict(), "context": dko["context"]}, observer,
-                               cfg.dko.hidden)
+    final = DiffusionProcess(load_schedule(cfg.run_dir / "schedule.json", cfg.diffusion.T))
+    prior = prior_process(cfg)
     run = TrainingRun(cfg, data, LocalEnv(cfg.run_dir), cfg.run_dir, FixedSchedule(state["betas"]))
     run.resume()
-    before = run.reward_profile()
-    rl = cfg.rl
+    before = run.reward_profile()["probe_loss"]
     pairs = []
     for r in range(reps):
         scores = {}
-        for name, b in (("initial", initial), ("final", final)):
-            after = run.branch(DiffusionProcess(b), steps, salt=100 + r)["after_profile"]
-            scores[name] = reward_from({"before_profile": before["profile"], "after_profile": after,
-                                        "profile_logsnr": before["profile_logsnr"]}, rl.reward, rl.reward_metric,
-                                       rl.reward_scale)
+        for name, process in (("prior", prior), ("final", final)):
+            after = run.branch(process, steps, salt=100 + r)["after_profile"]
+            scores[name] = 100.0 * (before - sum(after) / len(after)) / before
         pairs.append(scores)
-    return {"gain_pairs": pairs, "gain_steps": steps,
-            "final_logsnr": DiffusionProcess(final).log_snr.tolist(),
-            "prior_logsnr": DiffusionProcess(initial).log_snr.tolist()}
+    return {"gain_pairs": pairs, "gain_steps": steps}
+
+
+def distribution_record(cfg) -> dict:
+    """What the DKO's trunk trained on, against the prior: per-window intended and realised bin counts,
+    W1 (log-SNR) of the run's averages and of the exported final schedule to the prior, the decisions."""
+    import numpy as np
+    import torch
+    from scipy.stats import wasserstein_distance
+
+    from akod_ray.diffusion.dko import NoiseBins, w1_logsnr
+    from akod_ray.diffusion.process import DiffusionProcess
+    from akod_ray.diffusion.schedules import load_schedule
+    from akod_ray.rl.worker_source import prior_process
+
+    posted = read_jsonl(cfg.run_dir / "rl" / "posted.jsonl")
+    bins = NoiseBins(cfg.diffusion.T, cfg.dko.bins)
+    lam = prior_process(cfg).log_snr
+    prior = bins.step_distribution(bins.mass)
+    realised = torch.tensor([p["realised"] for p in posted]).sum(0)
+    intended = torch.tensor([p["intended"] for p in posted]).sum(0)
+    final = DiffusionProcess(load_schedule(cfg.run_dir / "schedule.json", cfg.diffusion.T)).log_snr
+    rewards = [r for p in posted for r in p["rewards"]]
+    return {
+        "windows": [{"step": p["step"], "reward_mean": float(np.mean(p["rewards"])), "probe_loss": p["probe_loss"],
+                     "realised": p["realised"], "intended": p["intended"]} for p in posted],
+        "decisions_per_run": len(rewards),
+        "w1_realised_vs_prior": w1_logsnr(bins.step_distribution(realised), prior, lam),
+        "w1_intended_vs_prior": w1_logsnr(bins.step_distribution(intended), prior, lam),
+        "w1_realised_vs_intended": w1_logsnr(bins.step_distribution(realised), bins.step_distribution(intended), lam),
+        "w1_final_vs_prior": float(wasserstein_distance(final.numpy(), lam.numpy())),
+        "final_logsnr": final.tolist(), "prior_logsnr": lam.tolist(),
+        "realised_bins": realised.tolist(), "intended_bins": intended.tolist(),
+    }
+
+
+def adaptation_record(cfg) -> dict:
+    """The importance sampler's final proposal over its bins, or EDM2's learned u(lambda) on a grid."""
+    import torch
+
+    from akod_ray.training.checkpoint import latest_checkpoint, load_state
+
+    state = load_state(latest_checkpoint(cfg.run_dir))
+    if cfg.diffusion.adaptation == "importance":
+        from akod_ray.training.adaptation import ImportanceSampler
+
+        d = cfg.diffusion
+        sampler = ImportanceSampler(d.T, d.adaptation_bins, d.adaptation_floor, d.adaptation_decay, "cpu")
+        sampler.load_state_dict(state["schedule_source"]["sampler"])
+        return {"proposal": sampler.proposal().tolist(), "mass": sampler.mass.tolist()}
+    if cfg.diffusion.adaptation == "edm2":
+        from akod_ray.training.adaptation import EDM2Weighting
+
+        w = EDM2Weighting(cfg.train.lr)
+        w.load_checkpoint_state(state["objective"])
+        lam = torch.linspace(cfg.dko.logsnr_max, cfg.dko.logsnr_min, 64)
+        with torch.no_grad():
+            return {"logsnr": lam.tolist(), "log_variance": w.log_variance(lam).tolist()}
+    return {}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -223,14 +278,11 @@ def one_run(arm: str, seed: int, args) -> dict:
     out["steps"] = last.get("step")
     out["images"] = last.get("step", 0) * cfg.train.batch_size
     out.update(final_fid(cfg, args.final_n, seed))
+    out["adaptation"] = adaptation_record(cfg)
     if cfg.diffusion.schedule == "akod":
-        rl = cfg.run_dir / "rl"
-        out["posted"] = read_jsonl(rl / "posted.jsonl")
-        for p in out["posted"]:
-            for key in ("loss_profile", "before_profile", "after_profile", "profile_logsnr"):
-                p.pop(key, None)
-        out["iterations"] = read_jsonl(rl / "iterations.jsonl")
-        out["samples_per_run"] = sum(int(i.get("samples_trained") or 0) for i in out["iterations"])
+        out["iterations"] = read_jsonl(cfg.run_dir / "rl" / "iterations.jsonl")
+        out["distribution"] = distribution_record(cfg)
+        out["samples_per_run"] = out["distribution"]["decisions_per_run"]
         out.update(policy_gain(cfg, data, args.gain_steps, args.gain_reps))
     return out
 
@@ -271,8 +323,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     ap.add_argument("--budget", type=float, default=360.0, help="CPU seconds of training per run (every arm)")
     ap.add_argument("--prior", default="laplace", help="dko.prior of the learned arms (the pilot's best anchor)")
-    ap.add_argument("--laplace-scale", type=float, default=1.0, help="diffusion.laplace_scale (the pilot's choice)")
-    ap.add_argument("--reward-metric", default="eps_uniform", help="rl.reward_metric (the pilot's choice)")
+    ap.add_argument("--laplace-scale", type=float, default=0.75, help="diffusion.laplace_scale (the pilot's choice)")
+    ap.add_argument("--reward-metric", default="eps_laplace", help="rl.reward_metric (the pilot's choice)")
     ap.add_argument("--sampler", default=REFEREE_SAMPLER, help="the referee's sampler at 20 network evaluations "
                     "(default: the best at 20 by bench/sampling.py; version 2 of this experiment ran with ddim)")
     ap.add_argument("--final-n", type=int, default=2000, help="samples of the final fid_c10")

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     test = load_images(args.data_dir, "test", count=args.n, seed=0)
-    value = fid.fid_c10(test, ref, net=net)
+    value = fid.fid_c10(test, ref, net=net, progress_desc="fid_c10 test features")
     t_fid = time.time() - t0
 
     results = {

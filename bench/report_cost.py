@@ -70,7 +70,7 @@ def loop_cost(storage: Path, steps: int, poll_s: str) -> dict:
         f"run.root={storage}", f"run.name=loop_{poll_s}", "diffusion.T=100", "diffusion.schedule=cosine",
         "model.channels=[8,8,8,8]", "model.bottleneck_channels=8", "model.num_res_blocks=1",
         "model.attention_resolutions=[]", "model.dropout=0.0", "model.msfi=false", "model.beta_modulation=false",
-        "dko.num_knots=4", "data.source=procedural", "data.train_subset=64", "data.val_size=8",
+        "dko.bins=4", "data.source=procedural", "data.train_subset=64", "data.val_size=8",
         f"train.steps={steps}", "train.batch_size=8", "train.log_every=2", f"train.ckpt_every={steps}",
         "train.sample_every=100000", "train.val_batch=8", "train.ref_grid=2", "train.warmup_steps=0",
         "eval.sampler_steps=4", "eval.fid_samples=8"])

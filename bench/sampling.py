@@ -65,10 +65,10 @@ def default_arms() -> list[Path]:
 
 def resolve(path: Path) -> tuple[str, Path]:
     """(arm name, checkpoint folder) of a checkpoint or run folder."""
-    from akod_ray.training.checkpoint import latest_checkpoint
+    from akod_ray.training.checkpoint import latest_checkpoint, state_file
 
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if state_file(path) is not None:
         return path.parent.name, path
     found = latest_checkpoint(path)
     if found is None:
@@ -94,13 +94,15 @@ def generate(cfg, model, process, n: int, seed: int, batch: int, sampler: str, b
     """n images, batch b from a generator seeded (seed, b): the same x_T per batch for every sampler."""
     import torch
 
-    from akod_ray.evaluation.sampling import sample_as_configured
+    from akod_ray.evaluation.sampling import sample_chunks
+    from akod_ray.progress import progress
 
     out = []
-    for b, start in enumerate(range(0, n, batch)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        out.append(sample_as_configured(cfg, model, process, min(batch, n - start), g, "cpu", sampler=sampler,
-                                        steps=budget, grid=grid, batch_size=batch))
+    with progress(f"{sampler}-{budget}", n) as bar:
+        for _, images in sample_chunks(cfg, model, process, n, seed, "cpu", chunk=batch, sampler=sampler, steps=budget,
+                                       grid=grid):
+            out.append(images)
+            bar.update(len(images))
     return torch.cat(out)
 
 
@@ -109,7 +111,7 @@ def measure(arm: str, ckpt: Path, sampler: str, budget: int, args, loaded: dict)
 
     from akod_ray.evaluation.fid import default_c10_reference, fid_c10
     from akod_ray.evaluation.sampling import check_sampling
-    from akod_ray.training.checkpoint import load_for_sampling
+    from akod_ray.training.checkpoint import load_for_sampling, load_state
 
     if "model" not in loaded:
         loaded["model"], loaded["process"], loaded["cfg"] = load_for_sampling(ckpt)
@@ -123,7 +125,7 @@ def measure(arm: str, ckpt: Path, sampler: str, budget: int, args, loaded: dict)
     if not torch.isfinite(images).all():
         raise SystemExit(f"[sampling] {arm} {sampler} {budget}: non-finite images")
     fid = fid_c10(images.float(), default_c10_reference())
-    step = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True).get("step")
+    step = load_state(ckpt).get("step")
     return {"arm": arm, "checkpoint": str(ckpt), "step": step, "T": process.T, "budget": budget, **record,
             "n": args.n, "seed": args.seed, "batch": args.batch, "fid_c10": fid, "wall_s": wall,
             "wall_s_per_image": wall / args.n, "threads": torch.get_num_threads(), "loadavg_start": load_start,
@@ -348,11 +350,11 @@ def report(args) -> None:
                   f"{timed['loadavg_start'][0]} at the start, {timed['loadavg_end'][0]} at the end; `{timed['command']}`, "
                   f"{timed['date']}). The milliseconds in the tables above were measured under the load their long "
                   "runs met; compare these.", "", "| sampler and budget | ms per image | ms per evaluation |", "|---|---|---|"]
-        from akod_ray.diffusion.solvers import SOLVERS, solver_evaluations
+        from akod_ray.diffusion.dispatch import network_evaluations
 
         for k in keys:
             s_, b_ = k.rsplit("_", 1)
-            nfe = solver_evaluations(s_, int(b_)) if s_ in SOLVERS else int(b_)  # DDIM and DDPM spend their budget
+            nfe = network_evaluations(s_, int(b_), int(b_))  # a ddpm key's budget is its T
             lines.append(f"| {k} | {timed['per_image_s'][k] * 1e3:.2f} | {timed['per_image_s'][k] * 1e3 / nfe:.3f} |")
         lines.append("")
     lines += ["## Figures (bench/results.json)", "", "| key | value |", "|---|---|"]

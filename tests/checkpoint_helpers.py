@@ -10,7 +10,7 @@ from akod_ray.config import (Config, DataConfig, DiffusionConfig, EvalConfig, Mo
                              config_to_dict)
 from akod_ray.diffusion.schedules import cosine_betas
 from akod_ray.models.unet import UNet
-from akod_ray.training.checkpoint import checkpoint_dir_name, save_state
+from akod_ray.training.checkpoint import LEGACY_STATE_FILE, atomic_torch_save, checkpoint_dir_name, save_state
 from akod_ray.training.ema import EMA
 
 T = 50  # the checkpoint's diffusion steps
@@ -38,9 +38,15 @@ def checkpoint_state(cfg: Config, step: int = 4) -> dict:
             "schedule_source": {}}
 
 
-def make_checkpoint(run_dir: Path, state: dict | None = None, step: int = 4, cfg: Config | None = None) -> Path:
-    """``run_dir/checkpoint_<step>/state.pt``; returns the checkpoint folder."""
+def make_checkpoint(run_dir: Path, state: dict | None = None, step: int = 4, cfg: Config | None = None,
+                    legacy: bool = False) -> Path:
+    """``run_dir/checkpoint_<step>/state.safetensors`` (``legacy``: an earlier version's ``state.pt``, written
+    with torch.save); returns the checkpoint folder."""
     cfg = cfg or tiny_config(Path(run_dir).parent, Path(run_dir).name)
     folder = Path(run_dir) / checkpoint_dir_name(step)
-    save_state(folder, state if state is not None else checkpoint_state(cfg, step))
+    state = state if state is not None else checkpoint_state(cfg, step)
+    if legacy:
+        atomic_torch_save(state, folder / LEGACY_STATE_FILE)
+    else:
+        save_state(folder, state)
     return folder

@@ -57,7 +57,7 @@ TINY_PROCEDURAL = {
     "diffusion": {"T": 100},
     "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
               "dropout": 0.0},
-    "dko": {"num_knots": 4},
+    "dko": {"bins": 4},
     "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
     "train": {"batch_size": 8, "val_batch": 8, "ref_grid": 2, "cpus_per_worker": 1},
     "eval": {"sampler_steps": 4, "grid_size": 2, "fid_samples": 8},
@@ -132,8 +132,11 @@ def registered_checkpoints(run_dir: Path) -> list[int]:
 
 
 def checkpoints_on_disk(run_dir: Path) -> list[int]:
-    """Steps of the checkpoint folders with a state.pt in the run folder."""
-    return sorted(int(p.parent.name.split("_")[1]) for p in Path(run_dir).glob("checkpoint_*/state.pt"))
+    """Steps of the checkpoint folders with a state file in the run folder."""
+    from akod_ray.training.checkpoint import CHECKPOINT_RE, state_file
+
+    return sorted(int(p.name.split("_")[1]) for p in Path(run_dir).glob("checkpoint_*")
+                  if CHECKPOINT_RE.match(p.name) and state_file(p))
 
 
 def pid_alive(pid: int) -> bool:
@@ -341,21 +344,35 @@ def kill_pid(pid: int, run: AkodRun, timeout: float = 30) -> None:
 
 
 class FakeRank0(threading.Thread):
-    """Rank 0 of the workers without training: takes schedules from the broker and posts
-    ``result(betas, step)`` (a dict with the reward) at once, stepping by 10 per request."""
+    """Rank 0 of the workers without training: posts a window's decision slots (seeded log sigma_local-like
+    features), takes each window's decisions from the broker and posts one reward per decision,
+    ``rewards(decisions, slots, step)``, at once, stepping by 10 per window."""
 
-    def __init__(self, handle, result):
+    def __init__(self, handle, rewards, slots: int = 8, seed: int = 0):
         super().__init__(daemon=True)
+        import numpy as np
+
         from akod_ray.rl.broker import BrokerClient
 
         self.client = BrokerClient(handle, timeout_s=30.0)
-        self.result = result
-        self.posted: list[float] = []
+        self.rewards, self.n = rewards, slots
+        self.rng = np.random.default_rng(seed)
+        self.posted: list[list[float]] = []
+        self.requests: list[dict] = []
+
+    def _slots(self) -> list[float]:
+        return self.rng.uniform(-3.0, -1.0, self.n).tolist()
 
     def run(self):
         from akod_ray.rl.broker import BrokerClosedError
 
-        first, step = True, 0
+        slots, step = self._slots(), 0
+        try:
+            self.client.post_state({"kind": "state", "step": 0, "slots": slots,
+                                    "context": {"progress": 0.0, "probe_loss": 0.5}})
+        except BrokerClosedError:
+            return
+        first = True
         while True:
             try:
                 req = self.client.next_request(0.5, resume=first)
@@ -364,8 +381,11 @@ class FakeRank0(threading.Thread):
             first = False
             if req is None:
                 continue
-            rid, sched = req
+            rid, request = req
+            self.requests.append(request)
             step += 10
-            out = self.result(sched["betas"], step)
-            self.posted.append(out["reward"])
-            self.client.post_result(rid, out)
+            rewards = [float(r) for r in self.rewards(request["decisions"], slots, step)]
+            self.posted.append(rewards)
+            slots = self._slots()
+            self.client.post_result(rid, {"kind": "trunk", "step": step, "rewards": rewards, "slots": slots,
+                                          "context": {"progress": step / 1000, "probe_loss": 0.5}})

@@ -25,6 +25,8 @@ import yaml
 
 from akod_ray.cli import main
 from akod_ray.data.parquet import write_parquet
+from akod_ray.errors import CheckpointError
+from akod_ray.training.checkpoint import STATE_FILE
 from checkpoint_helpers import T as CKPT_T
 from checkpoint_helpers import checkpoint_state, make_checkpoint, tiny_config
 from ray_helpers import REPO, akod_cmd, akod_env
@@ -37,11 +39,11 @@ BASE = {
     "diffusion": {"T": 100, "schedule": "cosine"},
     "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
               "dropout": 0.0, "msfi": False, "beta_modulation": False},
-    "dko": {"num_knots": 4, "probe_size": 8, "probe_pool": 16},
+    "dko": {"bins": 8, "probe_pool": 16, "prior": "loglinear"},
     "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
     "train": {"steps": 4, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 1, "log_every": 2, "ckpt_every": 2,
               "sample_every": 4, "val_batch": 8, "ref_grid": 2},
-    "rl": {"segment_steps": 2, "train_batch": 2},
+    "rl": {"segment_steps": 2, "train_batch": 2, "decision_every": 1, "decision_images": 4},
     "eval": {"sampler_steps": 5, "grid_size": 2, "fid_samples": 8},
     "sweep": {"name": "badsweep", "arms": ["cosine"], "budget": 6400},
 }
@@ -131,19 +133,27 @@ CONFIG_CASES = [
     (["dko.kernel_size=1"], r"dko\.kernel_size must be odd and >= 3, got 1"),
     (["dko.kernel_size=33"], r"dko\.kernel_size must not exceed the image size 32, got 33"),
     (["dko.kernel_size=101"], r"dko\.kernel_size must not exceed the image size 32, got 101"),
-    (["dko.num_knots=1"], r"dko\.num_knots must be >= 2, got 1"),
-    (["dko.num_knots=5000"], r"dko\.num_knots must be <= 1,000 \(PPO steps per episode\), got 5000"),
-    (["dko.num_knots=200"], r"dko\.num_knots is too many for diffusion\.T=100: .*, got 200"),
+    (["dko.bins=1"], r"dko\.bins must be in \[2, 1000\], got 1"),
+    (["dko.bins=5000"], r"dko\.bins must be in \[2, 1000\], got 5000"),
+    (["diffusion.schedule=akod", "dko.bins=200"], r"dko\.bins must be <= diffusion\.T=100 \(a bin holds whole steps\), got 200"),
+    (["dko.floor=0"], r"dko\.floor must be in \(0, 1\], got 0\.0"),
+    (["dko.floor=1.5"], r"dko\.floor must be in \(0, 1\], got 1\.5"),
+    (["dko.floor=.nan"], r"dko\.floor must be a finite number, got nan"),
+    (["diffusion.T=1000", "diffusion.schedule=akod", "dko.prior=laplace", "dko.bins=32", "dko.floor=0.05"],
+     r"dko\.floor is too small for dko\.bins=32 of the laplace prior at diffusion\.T=1000: with bin 31 of 32 at its "
+     r"floor the exported schedule is invalid .*; raise dko\.floor, got 0\.05"),
+    (["dko.prior=cosine"], r"dko\.prior must be one of \('loglinear', 'edm', 'laplace'\), got 'cosine'"),
+    (["diffusion.schedule=akod", "dko.prior=laplace"],
+     r"dko\.prior 'laplace' is not a valid schedule at diffusion\.T=100 within \[dko\.logsnr_min, dko\.logsnr_max\]: "
+     r"laplace schedule \(scale 0\.75\): beta_t must lie in \(0, 0\.999\], got beta\[99\] = 0\.99921.*"),
     (["dko.hidden=[]"], r"dko\.hidden must be positive widths, got \(\)"),
     (["dko.hidden=[0]"], r"dko\.hidden must be positive widths, got \(0,\)"),
     (["dko.hidden=[100000]"], r"dko\.hidden must be at most 16 widths of at most 4096 \(a memory-sized limit\), got \(100000,\)"),
     (["dko.logsnr_max=-20"], r"dko\.logsnr_max must exceed dko\.logsnr_min, got -20\.0"),
     (["dko.logsnr_max=40"], r"dko\.logsnr_max and dko\.logsnr_min must lie in \[-20, 20\] .*, got 40\.0"),
     (["dko.logsnr_min=-.inf"], r"dko\.logsnr_min must be a finite number, got -inf"),
-    (["dko.min_segment_share=0"], r"dko\.min_segment_share must be in \(0, 1\), got 0\.0"),
-    (["dko.min_segment_share=1"], r"dko\.min_segment_share must be in \(0, 1\), got 1\.0"),
-    (["dko.probe_size=0"], r"dko\.probe_size must be >= 1, got 0"),
-    (["dko.probe_pool=4"], r"dko\.probe_pool must be >= dko\.probe_size=8, got 4"),
+    (["dko.num_knots=16"], r"unknown config key 'dko\.num_knots'; allowed: \[.*'bins'.*\]"),
+    (["dko.probe_pool=0"], r"dko\.probe_pool must be >= 1, got 0"),
     (["dko.probe_pool=10000000"], r"dko\.probe_pool must be <= 100,000 \(.*\), got 10000000"),
     # data
     (["data.source=imagenet"], r"data\.source must be one of \('cifar10', 'procedural'\), got 'imagenet'"),
@@ -203,8 +213,17 @@ CONFIG_CASES = [
     # rl
     (["rl.segment_steps=0"], r"rl\.segment_steps must be >= 1, got 0"),
     (["rl.reward=fid"], r"rl\.reward must be one of \(.*\), got 'fid'"),
-    (["rl.branches=-1"], r"rl\.branches must be >= 0, got -1"),
-    (["rl.branch_steps=0"], r"rl\.branch_steps must be >= 1, got 0"),
+    (["rl.reward=improvement"], r"rl\.reward must be one of \('credit', 'paper'\), got 'improvement'"),
+    (["rl.null_reward=zero"], r"rl\.null_reward must be one of \('none', 'shuffle', 'constant'\), got 'zero'"),
+    (["rl.decision_every=0"], r"rl\.decision_every must be >= 1, got 0"),
+    (["rl.decision_images=0"], r"rl\.decision_images must be >= 1, got 0"),
+    (["diffusion.schedule=akod", "rl.decision_images=9"],
+     r"rl\.decision_images must be <= 8, the images of one micro-batch of a worker .*, got 9"),
+    (["rl.probe_pairs=0"], r"rl\.probe_pairs must be >= 1, got 0"),
+    (["rl.kl_coeff=-1"], r"rl\.kl_coeff must be >= 0, got -1\.0"),
+    (["rl.fd_rel=0"], r"rl\.fd_rel must be in \(0, 0\.1\], got 0\.0"),
+    (["rl.frozen=maybe"], r"rl\.frozen must be true or false, got 'maybe'"),
+    (["rl.branches=2"], r"unknown config key 'rl\.branches'; allowed: \[.*\]"),
     (["rl.train_batch=0"], r"rl\.train_batch must be >= 1, got 0"),
     (["rl.minibatch_size=0"], r"rl\.minibatch_size must be >= 1, got 0"),
     (["rl.num_epochs=0"], r"rl\.num_epochs must be >= 1, got 0"),
@@ -214,8 +233,16 @@ CONFIG_CASES = [
     (["rl.broker_timeout_s=.inf"], r"rl\.broker_timeout_s must be a finite number, got inf"),
     (["diffusion.schedule=akod", "rl.segment_steps=3"],
      r"train\.ckpt_every must be a multiple of rl\.segment_steps=3 for the akod schedule .*, got 2"),
-    (["diffusion.schedule=akod", "rl.branches=3"],
-     r"rl\.train_batch must be a multiple of rl\.branches=3 .*, got 2"),
+    (["diffusion.adaptation=bandit"], r"diffusion\.adaptation must be one of \('none', 'importance', 'edm2'\), got 'bandit'"),
+    (["diffusion.schedule=akod", "diffusion.adaptation=importance"],
+     r"diffusion\.adaptation must be none with diffusion\.schedule=akod .*, got 'importance'"),
+    (["diffusion.adaptation=edm2", "diffusion.min_snr_gamma=5"],
+     r"diffusion\.adaptation must be none with diffusion\.min_snr_gamma .*, got 'edm2'"),
+    (["diffusion.adaptation_bins=1"], r"diffusion\.adaptation_bins must be in \[2, diffusion\.T=100\], got 1"),
+    (["diffusion.adaptation_decay=0"], r"diffusion\.adaptation_decay must be in \(0, 1\], got 0\.0"),
+    (["diffusion.adaptation_floor=2"], r"diffusion\.adaptation_floor must be in \(0, 1\], got 2\.0"),
+    (["model.noise_cond=steps"], r"model\.noise_cond must be one of \('level', 'schedule'\), got 'steps'"),
+    (["model.level_offset=0"], r"model\.level_offset must be in \(0, 5\], got 0\.0"),
     # eval
     (["eval.sampler=lms"],
      r"eval\.sampler must be one of \('ddpm', 'ddim', 'dpmpp_2m', 'unipc', 'euler', 'heun', 'adaptive'\), got 'lms'"),
@@ -231,6 +258,8 @@ CONFIG_CASES = [
     (["eval.ddim_eta=.nan"], r"eval\.ddim_eta must be a finite number, got nan"),
     (["eval.fid_every=-1"], r"eval\.fid_every must be >= 0, got -1"),
     (["eval.fid_samples=1"], r"eval\.fid_samples must be >= 2, got 1"),
+    (["eval.fid=fid"], r"eval\.fid must be one of \('c10', 'inception', 'both'\), got 'fid'"),
+    (["eval.inception_ref=''"], r"eval\.inception_ref must be a path to an \.npz or null, got ''"),
     (["eval.fid_samples=100000000"], r"eval\.fid_samples must be <= 100,000 \(samples held in memory\), got 100000000"),
     (["eval.fid_samples=2", "train.num_workers=4", "run.num_cpus=4"],
      r"eval\.fid_samples must be >= train\.num_workers=4 \(every worker samples its share\), got 2"),
@@ -643,18 +672,18 @@ def test_bad_checkpoint_content(capsys, tmp_path, name, make, pattern):
     ckpt = make_checkpoint(tmp_path / "run", make())
     out = tmp_path / "out" / "grid.png"
     assert_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
-                    pattern.format(f=re.escape(str(ckpt / "state.pt")), c=re.escape(str(ckpt))))
+                    pattern.format(f=re.escape(str(ckpt / STATE_FILE)), c=re.escape(str(ckpt))))
     assert not (tmp_path / "out").exists()
 
 
 def _write_bytes(content: bytes):
     def spoil(ckpt: Path) -> None:
-        (ckpt / "state.pt").write_bytes(content)
+        (ckpt / STATE_FILE).write_bytes(content)
     return spoil
 
 
 def _truncate(ckpt: Path) -> None:
-    state = ckpt / "state.pt"
+    state = ckpt / STATE_FILE
     state.write_bytes(state.read_bytes()[:1000])
 
 
@@ -663,7 +692,7 @@ CKPT_FILE_CASES = [
     ("garbage", _write_bytes(b"not a checkpoint" * 10), r"checkpoint file '{f}' is corrupt or truncated: .*"),
     ("empty", _write_bytes(b""), r"checkpoint file '{f}' is corrupt or truncated: .*"),
     ("plain_pickle", _write_bytes(pickle.dumps({"model": {}})), r"checkpoint file '{f}' is corrupt or truncated: .*"),
-    ("state_is_a_folder", lambda c: ((c / "state.pt").unlink(), (c / "state.pt").mkdir()),
+    ("state_is_a_folder", lambda c: ((c / STATE_FILE).unlink(), (c / STATE_FILE).mkdir()),
      r"checkpoint file '{f}' does not exist"),
 ]
 
@@ -674,18 +703,36 @@ def test_bad_checkpoint_file(capsys, tmp_path, name, spoil, pattern):
     spoil(ckpt)
     out = tmp_path / "grid.png"
     assert_one_line(capsys, ["sample", ckpt, "--out", out, "--n", "1", "--steps", "2"],
-                    pattern.format(f=re.escape(str(ckpt / "state.pt"))))
+                    pattern.format(f=re.escape(str(ckpt / STATE_FILE))))
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(capsys, tmp_path):
+    """An earlier version's state.pt (torch.save) with a pickled object: torch.load(weights_only=True) refuses it."""
     marker = tmp_path / "payload_ran"
-    ckpt = make_checkpoint(tmp_path / "run", _state(extra=Payload(marker)))
+    ckpt = make_checkpoint(tmp_path / "run", _state(extra=Payload(marker)), legacy=True)
     line = assert_one_line(capsys, ["sample", ckpt, "--out", tmp_path / "x.png"],
                            rf"checkpoint file '{re.escape(str(ckpt))}/state\.pt' is corrupt or truncated: it holds Python "
                            r"objects other than tensors and plain data, which are never loaded \(weights_only=True\).*")
     assert not marker.exists()
     assert "weights_only=False" not in line and "weights_only` set to `False" not in line
+
+
+def test_a_pickle_named_state_safetensors_never_runs(capsys, tmp_path):
+    marker = tmp_path / "payload_ran"
+    ckpt = make_checkpoint(tmp_path / "run")
+    (ckpt / STATE_FILE).write_bytes(pickle.dumps({"state": Payload(marker)}, protocol=4))
+    assert_one_line(capsys, ["sample", ckpt, "--out", tmp_path / "x.png"],
+                    rf"checkpoint file '{re.escape(str(ckpt / STATE_FILE))}' is corrupt or truncated: .*")
+    assert not marker.exists()
+
+
+def test_a_state_that_is_not_plain_data_is_not_written(tmp_path):
+    from akod_ray.training.checkpoint import save_state
+
+    with pytest.raises(CheckpointError, match=r"cannot be stored: .*Payload at extra: only tensors and plain data"):
+        save_state(tmp_path / "ckpt", _state(extra=Payload(tmp_path / "x")))
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
 def test_a_missing_checkpoint(capsys, tmp_path):
@@ -695,7 +742,8 @@ def test_a_missing_checkpoint(capsys, tmp_path):
 
 def test_a_run_folder_without_checkpoints(capsys, tmp_path):
     assert_one_line(capsys, ["sample", tmp_path, "--out", tmp_path / "x.png"],
-                    rf"no checkpoint_XXXXXXXX folder with a state\.pt under '{re.escape(str(tmp_path))}'")
+                    rf"no checkpoint_XXXXXXXX folder with a state\.safetensors or state\.pt under "
+                    rf"'{re.escape(str(tmp_path))}'")
 
 
 # --------------------------------------------------------------------------- akod sample arguments

@@ -29,7 +29,8 @@ def client(run_id: str, timeout_s: float = 10.0) -> BrokerClient:
 
 
 def schedule(i: int) -> dict:
-    return {"betas": [0.001 * (i + 1)] * 4, "episode": i}
+    """A window's request: its decisions (bins), as the env submits it."""
+    return {"decisions": [i, i + 1, i + 2], "episode": i}
 
 
 def test_broker_name_is_derived_from_the_run_id():
@@ -223,3 +224,30 @@ def test_a_dead_broker_actor_is_a_clear_error():
         for _ in range(50):  # ray.kill is asynchronous
             c.submit(schedule(0))
             time.sleep(0.1)
+
+
+@pytest.mark.timeout(60)
+def test_the_workers_state_reaches_a_waiting_env_and_a_later_state_can_be_waited_for():
+    """post_state (rank 0's first slots) wakes wait_state; wait_state(after_step) waits for a newer one."""
+
+
+    c = client("state")
+    got = {}
+    th = threading.Thread(target=lambda: got.update(first=c.wait_state(10.0)))
+    th.start()
+    time.sleep(0.5)
+    c.post_state({"kind": "state", "step": 0, "slots": [-1.0], "context": {}})
+    th.join(timeout=10)
+    assert got["first"]["slots"] == [-1.0]
+    th = threading.Thread(target=lambda: got.update(later=c.wait_state(10.0, after_step=0)))
+    th.start()
+    time.sleep(0.5)
+    assert "later" not in got
+    c.post_state({"kind": "state", "step": 30, "slots": [-2.0], "context": {}})
+    th.join(timeout=10)
+    assert got["later"]["step"] == 30
+    c.close("done")
+    with pytest.raises(BrokerClosedError):
+        c.wait_state(5.0, after_step=30)
+    with pytest.raises(ValueError, match="'decisions'"):
+        client("state-bad").submit({"betas": [0.1]})

@@ -145,9 +145,9 @@ def test_wrong_type_names_the_field(override, message):
         ("model.dropout=1.0", "model.dropout"),
         ("dko.kernel_size=6", "dko.kernel_size"),
         ("dko.kernel_size=1", "dko.kernel_size"),
-        ("dko.num_knots=1", "dko.num_knots"),
+        ("dko.bins=1", "dko.bins"),
         ("dko.logsnr_max=-20", "dko.logsnr_max"),
-        ("dko.min_segment_share=0", "dko.min_segment_share"),
+        ("dko.floor=0", "dko.floor"),
         ("diffusion.schedule=quadratic", "diffusion.schedule"),
         ("diffusion.schedule=file", "diffusion.schedule_file"),
         ("diffusion.T=1", "diffusion.T"),
@@ -219,7 +219,8 @@ def test_save_config_round_trip_of_defaults(tmp_path):
     "overrides, field",
     [
         (["diffusion.T=20", "diffusion.schedule=linear"], "diffusion.T"),
-        (["diffusion.T=40", "dko.num_knots=16"], "dko.num_knots"),
+        (["diffusion.T=40", "diffusion.schedule=akod", "dko.bins=41", "eval.sampler_steps=5"], "dko.bins"),
+        (["diffusion.schedule=akod", "dko.floor=0.05"], "dko.floor"),
         (["dko.logsnr_max=40"], "dko.logsnr_max"),
     ],
 )
@@ -228,7 +229,10 @@ def test_cross_field_limits_fail_at_load(overrides, field):
         load_config(None, overrides)
 
 
-def test_knot_limit_admits_the_largest_safe_count():
-    # 16 knots x 19.34 log-SNR range / 999 steps = 0.31 per step, far inside ln(1000)
-    assert load_config(None, ["diffusion.T=1000", "dko.num_knots=16"]).dko.num_knots == 16
-    assert load_config(None, ["diffusion.T=100", "dko.num_knots=35"]).dko.num_knots == 35
+def test_the_floor_limit_admits_the_default_and_refuses_what_would_export_an_invalid_schedule():
+    """laplace(0.75)'s last run of steps: at floor 0.15 or more a policy cannot export beta_t > 0.999, at 0.1 it can."""
+    assert load_config(None, ["diffusion.schedule=akod"]).dko.floor == 0.2
+    assert load_config(None, ["diffusion.schedule=akod", "dko.floor=0.15"]).dko.floor == 0.15
+    with pytest.raises(ConfigError, match=r"dko\.floor is too small .* bin 31 of 32"):
+        load_config(None, ["diffusion.schedule=akod", "dko.floor=0.1"])
+    assert load_config(None, ["diffusion.schedule=akod", "dko.floor=0.1", "dko.prior=edm"]).dko.floor == 0.1  # a gentler tail

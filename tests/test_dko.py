@@ -1,4 +1,6 @@
-"""DKO building blocks: sigma_local against closed forms, and the knot schedule builder's guarantees."""
+"""DKO building blocks (version 3): sigma_local against closed forms, the bins of the prior's steps, the
+policy's distribution and its floor, the exported schedule, and the Wasserstein-1 distance between
+distributions over noise levels."""
 
 from __future__ import annotations
 
@@ -13,25 +15,27 @@ from hypothesis import strategies as st
 from akod_ray.diffusion.dko import (
     DKO,
     OBS_DIM,
-    KnotScheduleBuilder,
-    betas_from_logsnr,
     DKOContext,
-    DKOObserver,
-    learned_schedule,
+    DKOPolicy,
+    NoiseBins,
+    bin_probs,
+    floor_problem,
     gaussian_kernel,
-    knot_positions,
+    learned_schedule,
     local_variance,
     local_variance_map,
-    logsnr_at_steps,
-    logsnr_knots,
-    schedule_from_actions,
-    schedule_from_knots,
+    log_sigma_local,
+    marginal_probs,
+    observations,
+    quantile_schedule,
     uniform_logsnr_betas,
+    w1_logsnr,
 )
+from akod_ray.config import DKOConfig
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.schedules import validate_betas
+from akod_ray.diffusion.schedules import anchor_logsnr, validate_betas
 
-LMAX, LMIN, SHARE = 9.21, -10.13, 0.1
+LMAX, LMIN = 9.21, -10.13
 KERNELS = (3, 5, 7, 9, 11)
 
 
@@ -121,321 +125,157 @@ def test_local_variance_is_shift_invariant_and_scales_quadratically():
     torch.testing.assert_close(local_variance(2.5 * x - 0.3, 7), 6.25 * v, rtol=1e-10, atol=0)
 
 
-# ----------------------------------------------------------------- knot schedule builder
-
-# (T, num_knots) where the steepest possible segment still fits beta <= 0.999: the per-step
-# log-SNR drop is at most K R / (T - 1) and beta_t <= 1 - exp(-drop), so K R / (T - 1) <= log(1000).
-RESOLUTIONS = [(T, K) for T in (50, 100, 1000) for K in (2, 3, 4, 8, 16, 32)
-               if K * (LMAX - LMIN) / (T - 1) <= math.log(1000)]
-
-finite = st.floats(allow_nan=False, allow_infinity=False)
-scaled_normal = st.tuples(st.integers(0, 2**32 - 1), st.sampled_from([1.0, 10.0, 1e3, 1e6]))
+def test_log_sigma_local_is_half_the_log_local_variance_and_ignores_a_flip():
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    f = log_sigma_local(x, 7)
+    torch.testing.assert_close(f, 0.5 * torch.log(local_variance(x, 7)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(log_sigma_local(x.flip(-1), 7), f, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(log_sigma_local(torch.zeros(1, 3, 32, 32), 7)).all()  # a flat image: finite, very low
 
 
-def check_schedule(betas: torch.Tensor, T: int, lmax: float = LMAX, lmin: float = LMIN) -> None:
-    validate_betas(betas, T)
-    ls = DiffusionProcess(betas).log_snr
-    assert abs(ls[0].item() - lmax) < 1e-9
-    assert abs(ls[-1].item() - lmin) < 1e-9
-    assert (ls[1:] < ls[:-1]).all()
+# ----------------------------------------------------------------- bins of the prior's steps
 
 
-def test_resolutions_cover_the_defaults():
-    assert (1000, 16) in RESOLUTIONS and (100, 32) in RESOLUTIONS and len(RESOLUTIONS) >= 14
+@pytest.mark.parametrize("T, J", [(1000, 32), (1000, 7), (50, 8), (10, 10)])
+def test_bins_cut_the_steps_into_contiguous_runs_with_their_share_as_mass(T, J):
+    bins = NoiseBins(T, J)
+    assert bins.edges[0] == 0 and bins.edges[-1] == T and (bins.size >= T // J).all()
+    assert float(bins.mass.sum()) == pytest.approx(1.0, abs=1e-12)
+    t = torch.arange(T)
+    j = bins.of_step(t)
+    assert j.min() == 0 and j.max() == J - 1 and (torch.diff(j) >= 0).all()
+    assert torch.equal(torch.bincount(j, minlength=J), bins.size)
+    assert float(bins.step_distribution(bins.mass).sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(bins.step_distribution(bins.mass), torch.full((T,), 1.0 / T, dtype=torch.float64))
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None)
-@given(res=st.sampled_from(RESOLUTIONS), share=st.sampled_from([0.01, 0.1, 0.5]), data=st.data())
-def test_any_finite_actions_give_a_valid_schedule(res, share, data):
-    T, K = res
-    actions = data.draw(st.lists(finite, min_size=K - 1, max_size=K - 1))
-    check_schedule(schedule_from_actions(actions, T, K, LMAX, LMIN, share), T)
-
-
-@settings(max_examples=60, deadline=None, derandomize=True, database=None)
-@given(res=st.sampled_from(RESOLUTIONS), normal=scaled_normal)
-def test_random_normal_actions_at_any_scale_give_a_valid_schedule(res, normal):
-    T, K = res
-    seed, scale = normal
-    actions = torch.randn(K - 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
-    check_schedule(schedule_from_actions(actions, T, K, LMAX, LMIN, SHARE), T)
-
-
-@pytest.mark.parametrize("T, K", [(100, 16), (1000, 16), (1000, 32), (100, 2), (50, 8)])
-@pytest.mark.parametrize("pattern", ["plus", "minus", "alternating", "minus_alternating", "zero", "tiny"])
-def test_extreme_actions_give_a_valid_schedule(T, K, pattern):
-    n = K - 1
-    actions = {
-        "plus": [1e300] * n,
-        "minus": [-1e300] * n,
-        "alternating": [1e300 * (-1) ** i for i in range(n)],
-        "minus_alternating": [-1e300 * (-1) ** i for i in range(n)],
-        "zero": [0.0] * n,
-        "tiny": [5e-324] * n,
-    }[pattern]
-    check_schedule(schedule_from_actions(actions, T, K, LMAX, LMIN, SHARE), T)
-
-
-def test_zero_actions_give_the_uniform_log_snr_schedule():
-    """a = 0 takes the uniform share: the DKO's initial output reproduces the reference schedule."""
-    knots = logsnr_knots([0.0] * 15, 16, LMAX, LMIN, SHARE)
-    torch.testing.assert_close(knots, torch.linspace(LMAX, LMIN, 17, dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(schedule_from_actions([0.0] * 15, 1000, 16, LMAX, LMIN, SHARE),
-                               uniform_logsnr_betas(1000, LMAX, LMIN), rtol=1e-9, atol=0)
-
-
-def test_knots_by_hand():
-    """K = 3, R = 19.34, min_share 0.1: base drop 0.6447 per segment, free range 17.406."""
-    R = LMAX - LMIN
-    base, free = SHARE * R / 3, (1 - SHARE) * R
-    a0, a1 = 1.0, -0.5
-    f0 = 1 / (1 + math.exp(-(a0 - math.log(2))))  # 3 segments left: uniform share 1/3 = sigmoid(-log 2)
-    f1 = 1 / (1 + math.exp(-(a1 - math.log(1))))  # 2 left: uniform share 1/2 = sigmoid(0)
-    k1 = LMAX - base - f0 * free
-    k2 = k1 - base - f1 * (1 - f0) * free
-    knots = logsnr_knots([a0, a1], 3, LMAX, LMIN, SHARE)
-    assert knots.tolist() == pytest.approx([LMAX, k1, k2, LMIN], rel=1e-14, abs=1e-14)
-
-
-def test_endpoints_are_fixed_exactly():
-    for actions in ([3.0, -1.0, 0.5], [1e300, 1e300, 1e300], [-7.0, 0.0, 7.0]):
-        knots = logsnr_knots(actions, 4, LMAX, LMIN, SHARE)
-        assert knots[0].item() == LMAX and knots[-1].item() == LMIN
-        ls = logsnr_at_steps(knots, 200)
-        assert ls[0].item() == LMAX and ls[-1].item() == pytest.approx(LMIN, abs=1e-12)
-
-
-def test_every_segment_drops_by_at_least_the_base_share():
+def test_a_step_is_drawn_uniformly_within_its_bin():
+    bins = NoiseBins(1000, 32)
     g = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        actions = torch.randn(15, generator=g, dtype=torch.float64) * 30
-        drops = -torch.diff(logsnr_knots(actions, 16, LMAX, LMIN, SHARE))
-        assert drops.min().item() >= SHARE * (LMAX - LMIN) / 16 * (1 - 1e-12)
-        assert drops.sum().item() == pytest.approx(LMAX - LMIN, abs=1e-12)
+    j = torch.full((64_000,), 5)
+    t = bins.draw_steps(j, g)
+    assert torch.equal(bins.of_step(t), j)
+    counts = torch.bincount(t - int(bins.edges[5]), minlength=int(bins.size[5])).double()
+    expected = 64_000 / int(bins.size[5])
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 80  # 30 degrees of freedom: p < 1e-6 beyond
+    assert bins.draw_steps(torch.tensor([0, 31]), g).tolist() != []
 
 
-@pytest.mark.parametrize("j", [0, 3, 7, 13])
-def test_builder_is_causal(j):
-    """Changing action j changes knot j+1 and later, never knots 0..j, nor the betas up to knot j."""
-    T, K = 1000, 16
-    actions = torch.randn(K - 1, generator=torch.Generator().manual_seed(j), dtype=torch.float64)
-    changed = actions.clone()
-    changed[j] += 1.5
-    ka, kb = logsnr_knots(actions, K, LMAX, LMIN, SHARE), logsnr_knots(changed, K, LMAX, LMIN, SHARE)
-    assert torch.equal(ka[: j + 1], kb[: j + 1])
-    assert ka[j + 1] != kb[j + 1]
-    ba, bb = schedule_from_knots(ka, T), schedule_from_knots(kb, T)
-    upto = int(knot_positions(T, K)[j].floor())
-    assert torch.equal(ba[: upto + 1], bb[: upto + 1])
-    assert not torch.equal(ba, bb)
+def test_bins_refuse_more_bins_than_steps():
+    with pytest.raises(ValueError, match="dko.bins"):
+        NoiseBins(10, 11)
 
 
-def test_incremental_builder_matches_the_batch_function():
-    b = KnotScheduleBuilder(5, LMAX, LMIN, SHARE)
-    assert b.num_actions == 4 and not b.done and b.knots == [LMAX]
-    actions = [0.3, -2.0, 4.0, 0.0]
-    outs = [b.step(a) for a in actions]
-    assert b.done
-    assert outs[:-1] == b.knots[1:4] and outs[-1] == LMIN
-    assert torch.equal(b.knot_logsnr(), logsnr_knots(actions, 5, LMAX, LMIN, SHARE))
-    with pytest.raises(RuntimeError, match="already complete"):
-        b.step(0.0)
-    b.reset()
-    assert b.knots == [LMAX] and b.free_left == pytest.approx((1 - SHARE) * (LMAX - LMIN))
-    b.step(1.0)
-    with pytest.raises(RuntimeError, match="incomplete: 1 of 5"):
-        b.knot_logsnr()
+# ----------------------------------------------------------------- the policy's distribution
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_action_is_rejected(bad):
-    with pytest.raises(ValueError, match="finite"):
-        logsnr_knots([0.0, bad, 0.0], 4, LMAX, LMIN, SHARE)
-    with pytest.raises(ValueError, match="finite"):
-        KnotScheduleBuilder(4, LMAX, LMIN, SHARE).step(bad)
+def test_a_zero_correction_is_the_prior_exactly_and_the_initial_dko_outputs_zero():
+    bins = NoiseBins(1000, 32)
+    torch.testing.assert_close(bin_probs(torch.zeros(32, dtype=torch.float64), bins.mass, 0.1), bins.mass, rtol=1e-14,
+                               atol=0)
+    net = DKO(32, (16, 16))
+    obs = torch.randn(5, OBS_DIM)
+    assert torch.equal(net(obs), torch.zeros(5, 32))
+    policy = DKOPolicy(None, bins, 0.1, (16, 16), 7)
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(policy.probs_of_images(x), bins.mass.float().expand(6, 32))
 
 
-@pytest.mark.parametrize("n", [0, 14, 16])
-def test_wrong_action_count_is_rejected(n):
-    with pytest.raises(ValueError, match=f"need 15 DKO actions for 16 knots, got {n}"):
-        schedule_from_actions([0.0] * n, 1000, 16, LMAX, LMIN, SHARE)
+@settings(max_examples=60, deadline=None)
+@given(scale=st.floats(0.0, 50.0), floor=st.floats(0.01, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_any_correction_keeps_every_bin_above_its_floor(scale, floor, seed):
+    bins = NoiseBins(1000, 32)
+    a = torch.randn(3, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    p = bin_probs(a, bins.mass, floor)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, dtype=torch.float64))
+    assert (p >= floor * bins.mass - 1e-15).all()
 
 
-def test_bad_endpoints_are_rejected():
-    with pytest.raises(ValueError, match="dko.logsnr_max"):
-        KnotScheduleBuilder(4, -1.0, 1.0, SHARE)
+def test_observation_layout():
+    ctx = DKOContext(progress=0.25, probe_loss=0.5)
+    obs = observations(torch.tensor([-1.5, -2.0]), ctx)
+    assert obs.shape == (2, OBS_DIM) and obs.dtype == torch.float32
+    torch.testing.assert_close(obs, torch.tensor([[-1.5, 0.25, math.log(0.5)], [-2.0, 0.25, math.log(0.5)]]))
+    assert DKOContext.from_dict(ctx.to_dict()) == ctx and DKOContext.from_dict(None) == DKOContext()
 
 
-def test_too_coarse_T_for_the_knots_is_refused_not_clamped():
-    """T = 20 with 16 knots cannot hold a whole free range in one step: a clear error, no silent clip."""
-    with pytest.raises(ValueError, match="DKO schedule: beta_t must lie in"):
-        schedule_from_actions([-1e300] * 15, 20, 16, LMAX, LMIN, SHARE)
+def test_the_policy_reads_the_image_feature():
+    bins = NoiseBins(1000, 16)
+    torch.manual_seed(0)
+    net = DKO(16, (8,))
+    torch.nn.init.normal_(net.head.weight)
+    policy = DKOPolicy({"weights": net.state_dict(), "context": {}}, bins, 0.1, (8,), 7)
+    p = policy.probs(torch.tensor([-3.0, -1.0]))
+    assert not torch.allclose(p[0], p[1])
 
 
-# ----------------------------------------------------------------- log-SNR -> betas
+# ----------------------------------------------------------------- the exported schedule and W1
 
 
-def test_betas_from_logsnr_inverts_the_process_log_snr():
-    ls = logsnr_at_steps(logsnr_knots([0.5, -1.0, 2.0, 0.0, -3.0, 1.0, 0.0], 8, LMAX, LMIN, SHARE), 1000)
-    p = DiffusionProcess(betas_from_logsnr(ls))
-    torch.testing.assert_close(p.log_snr, ls, rtol=0, atol=1e-8)
+PRIOR = anchor_logsnr("laplace", 1000, LMAX, LMIN, 0.75)
 
 
-def test_logsnr_at_steps_interpolates_linearly_between_knots():
-    knots = torch.tensor([4.0, 1.0, -2.0, -8.0], dtype=torch.float64)
-    ls = logsnr_at_steps(knots, 7)  # knots at steps 0, 2, 4, 6
-    assert ls.tolist() == pytest.approx([4.0, 2.5, 1.0, -0.5, -2.0, -5.0, -8.0], abs=1e-15)
+def test_the_prior_exports_its_own_schedule():
+    bins = NoiseBins(1000, 32)
+    p = DiffusionProcess(quantile_schedule(bins.step_distribution(bins.mass), PRIOR))
+    torch.testing.assert_close(p.log_snr, PRIOR, rtol=0, atol=1e-8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scale=st.floats(0.0, 30.0), seed=st.integers(0, 2**31 - 1))
+def test_any_policy_at_the_configured_floor_exports_a_valid_schedule_with_the_same_endpoints(scale, seed):
+    bins = NoiseBins(1000, 32)
+    a = torch.randn(32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    betas = quantile_schedule(bins.step_distribution(bin_probs(a, bins.mass, DKOConfig().floor)), PRIOR)
+    lam = DiffusionProcess(validate_betas(betas, 1000)).log_snr
+    assert float(lam[0]) == pytest.approx(LMAX, abs=1e-9) and float(lam[-1]) == pytest.approx(LMIN, abs=1e-9)
+
+
+def test_the_exported_schedule_trains_on_the_policys_distribution():
+    """Uniform t on the exported schedule is the policy's marginal: W1 between them (in log-SNR) is small."""
+    from scipy.stats import wasserstein_distance
+
+    bins = NoiseBins(1000, 32)
+    probs = bin_probs(torch.linspace(-2, 2, 32, dtype=torch.float64), bins.mass, 0.1)
+    exported = DiffusionProcess(quantile_schedule(bins.step_distribution(probs), PRIOR)).log_snr
+    w = wasserstein_distance(exported.numpy(), PRIOR.numpy(), v_weights=bins.step_distribution(probs).numpy())
+    assert w < 0.02
+    moved = wasserstein_distance(exported.numpy(), PRIOR.numpy())
+    assert moved > 0.2  # and it did move away from the prior
+
+
+def test_the_floor_check_finds_the_bin_whose_floor_breaks_the_export():
+    """laplace(0.75)'s last run of steps holds its steepest steps: at a floor of 0.1 a policy that keeps the last
+    bin at its floor exports a final step with beta > 0.999 (and a config with it is refused, test_config.py)."""
+    bins = NoiseBins(1000, 32)
+    assert "bin 31 of 32" in floor_problem(PRIOR, bins, 0.1)
+    assert floor_problem(PRIOR, bins, DKOConfig().floor) is None
+
+
+def test_w1_closed_forms():
+    lam = torch.linspace(4.0, -4.0, 9, dtype=torch.float64)  # steps one log-SNR apart
+    a, b = torch.zeros(9, dtype=torch.float64), torch.zeros(9, dtype=torch.float64)
+    a[1], b[6] = 1.0, 1.0
+    assert w1_logsnr(a, b, lam) == pytest.approx(5.0)
+    assert w1_logsnr(a, a, lam) == 0.0
+    u = torch.ones(9, dtype=torch.float64)
+    assert w1_logsnr(u, u * 3, lam) == pytest.approx(0.0)  # normalized
+    half = torch.zeros(9, dtype=torch.float64)
+    half[1], half[2] = 0.5, 0.5
+    assert w1_logsnr(a, half, lam) == pytest.approx(0.5)
+
+
+def test_learned_schedule_of_the_initial_dko_is_the_prior():
+    bins = NoiseBins(1000, 32)
+    features = torch.tensor([-2.0, -1.0, -1.5])
+    betas = learned_schedule({"weights": DKO(32, (8,)).state_dict(), "context": {"progress": 0.5}}, features, bins,
+                             0.1, (8,), 7, PRIOR)
+    torch.testing.assert_close(DiffusionProcess(betas).log_snr, PRIOR, rtol=0, atol=1e-6)  # the policy is float32
+    torch.testing.assert_close(marginal_probs(None, features, bins, 0.1, (8,), 7), bins.mass.double(), rtol=0,
+                               atol=1e-7)
 
 
 def test_uniform_logsnr_betas_are_linear_in_log_snr():
     p = DiffusionProcess(uniform_logsnr_betas(1000, LMAX, LMIN))
     torch.testing.assert_close(p.log_snr, torch.linspace(LMAX, LMIN, 1000, dtype=torch.float64), rtol=0, atol=1e-9)
-
-
-# ----------------------------------------------------------------- the DKO MLP
-
-
-def test_dko_mlp_starts_at_action_zero_with_log_std_minus_half():
-    torch.manual_seed(0)
-    net = DKO(hidden=(16, 16))
-    obs = torch.randn(7, OBS_DIM)
-    out = net(obs)
-    assert out.shape == (7, 2)
-    assert torch.equal(out[:, 0], torch.zeros(7)) and torch.equal(out[:, 1], torch.full((7,), -0.5))
-    out.sum().backward()
-    assert net.head.weight.grad.abs().sum() > 0
-
-
-def _observer(pool_seed: int = 0, n: int = 48, probe: int = 8) -> DKOObserver:
-    g = torch.Generator().manual_seed(pool_seed)
-    # images with very different local texture: half smooth ramps, half high-frequency noise
-    smooth = torch.linspace(-1, 1, 16).repeat(n // 2, 3, 16, 1)
-    rough = torch.rand((n // 2, 3, 16, 16), generator=g) * 2 - 1
-    return DKOObserver(torch.cat([smooth, rough]), probe, 7, 1000, 8, 9.21, -10.13, 0.1)
-
-
-def test_dko_observation_layout_and_closed_form_features():
-    obs = _observer().observation(2, 1.5, DKOContext(progress=0.25, ref_loss=math.e, probe_seed=3))
-    assert obs.shape == (OBS_DIM,) and obs.dtype == np.float32
-    knot_t = float(knot_positions(1000, 8)[2]) + 1.0
-    assert obs[0] == pytest.approx(knot_t / 1000, rel=1e-6)
-    assert obs[2] == pytest.approx(0.15, rel=1e-6) and obs[3] == pytest.approx(0.25) and obs[4] == pytest.approx(1.0)
-    assert obs[5] == 0.0  # no loss profile yet
-
-
-def test_dko_observation_is_not_a_function_of_log_snr_alone():
-    """Issue 11: at the same knot and log-SNR, different probe images (and training states) observe differently."""
-    ob = _observer()
-    lam = 2.0
-    a, b = (ob.observation(3, lam, DKOContext(probe_seed=s)) for s in (0, 1))
-    assert a[0] == b[0] and a[2] == b[2]  # the same knot, the same log-SNR
-    assert abs(a[1] - b[1]) > 1e-3  # sigma_local of different probe images and noise differs
-    # the probe is drawn afresh per seed, deterministically
-    np.testing.assert_array_equal(ob.observation(3, lam, DKOContext(probe_seed=0)), a)
-    x0_a, _ = ob.probe(0)
-    x0_b, _ = ob.probe(1)
-    assert not torch.equal(x0_a, x0_b)
-    # two training states at the same knot: progress, loss level and loss profile all enter
-    grid = [9.0, 3.0, -3.0, -9.0]
-    early = DKOContext(progress=0.1, ref_loss=0.5, loss_profile=[0.1, 0.3, 0.8, 0.8], profile_logsnr=grid)
-    late = DKOContext(progress=0.9, ref_loss=0.2, loss_profile=[0.02, 0.4, 0.2, 0.18], profile_logsnr=grid)
-    e, l = ob.observation(3, lam, early), ob.observation(3, lam, late)
-    assert e[1] == l[1]  # the same probe seed
-    assert e[3] != l[3] and e[4] != l[4] and e[5] != l[5]
-
-
-def test_loss_profile_feature_interpolates_in_log_snr():
-    ctx = DKOContext(ref_loss=0.2, loss_profile=[0.1, 0.4], profile_logsnr=[4.0, -4.0])
-    mid = math.log(math.exp((math.log(0.1) + math.log(0.4)) / 2) / 0.2)
-    assert ctx.relative_loss_at(0.0) == pytest.approx(mid, rel=1e-12)
-    assert ctx.relative_loss_at(10.0) == pytest.approx(math.log(0.1 / 0.2))  # clamped at the ends
-    assert ctx.relative_loss_at(-10.0) == pytest.approx(math.log(0.4 / 0.2))
-
-
-def test_context_updates_from_a_posted_result_and_round_trips_as_plain_data():
-    ctx = DKOContext(probe_seed=5).updated({"step": 50, "ref_loss": 0.3, "loss_profile": [0.1, 0.5],
-                                            "profile_logsnr": [1.0, -1.0]}, total_steps=200)
-    assert (ctx.progress, ctx.ref_loss, ctx.loss_profile, ctx.probe_seed) == (0.25, 0.3, [0.1, 0.5], 5)
-    assert DKOContext.from_dict(ctx.to_dict()) == ctx
-    assert ctx.updated({"step": 400}, 200).progress == 1.0  # clipped
-
-
-def test_learned_schedule_of_the_initial_dko_is_uniform_in_log_snr_and_rebuilds_exactly():
-    ob = _observer()
-    net = DKO(hidden=(8, 8))
-    ctx = DKOContext(progress=0.3, probe_seed=2)
-    initial = learned_schedule({"weights": net.state_dict(), "context": ctx.to_dict()}, ob, (8, 8))
-    torch.testing.assert_close(initial, uniform_logsnr_betas(1000, 9.21, -10.13), rtol=1e-9, atol=1e-12)
-    with torch.no_grad():
-        net.head.bias[0] = 0.7
-        net.head.weight[0, 0] = 0.3
-    state = {"weights": net.state_dict(), "context": ctx.to_dict()}
-    betas, _, actions = ob.build(net.deterministic_action, ctx)
-    assert torch.equal(learned_schedule(state, ob, (8, 8)), betas) and not torch.equal(betas, initial)
-    assert len(actions) == 7 and all(a != 0.0 for a in actions)
-
-
-def test_observer_rejects_a_kernel_larger_than_the_images():
-    with pytest.raises(ValueError, match="kernel_size=7 exceeds"):
-        DKOObserver(torch.zeros(4, 3, 5, 5), 2, 7, 1000, 8, 9.21, -10.13, 0.1)
-
-
-# ----------------------------------------------------------------- reach: knot spacing and the prior (issue 16)
-
-
-@pytest.mark.parametrize("anchor, scale, tol", [("edm", 1.0, 0.05), ("laplace", 0.75, 0.07), ("laplace", 1.0, 0.06),
-                                                ("laplace", 2.0, 0.05), ("loglinear", 1.0, 1e-9)])
-def test_the_knot_builder_reaches_the_anchor_schedules(anchor, scale, tol):
-    """With 16 cosine-spaced knots (the default) the builder's schedule through an anchor's knots is
-    within a mean |delta log-SNR| of ``tol`` of the anchor at every step (the Wasserstein-1 distance
-    between the two training distributions of log-SNR under uniform t), and exactly on it at the knots."""
-    from akod_ray.diffusion.dko import actions_for_knots, prior_actions
-    from akod_ray.diffusion.schedules import anchor_logsnr
-
-    T, K = 1000, 16
-    actions = prior_actions(anchor, T, K, LMAX, LMIN, SHARE, scale, "cosine")
-    knots = logsnr_knots(actions, K, LMAX, LMIN, SHARE)
-    target = anchor_logsnr(anchor, T, LMAX, LMIN, scale)
-    pos = knot_positions(T, K, "cosine")
-    at_knots = torch.from_numpy(np.interp(pos.numpy(), np.arange(T), target.numpy()))
-    torch.testing.assert_close(knots, at_knots, rtol=0, atol=1e-9)
-    built = DiffusionProcess(schedule_from_knots(knots, T, "cosine")).log_snr
-    assert (built - target).abs().mean().item() < tol
-    # the inverse really is the builder's inverse, and the prior makes zero DKO output build the anchor
-    torch.testing.assert_close(logsnr_knots([0.0] * (K - 1), K, LMAX, LMIN, SHARE, actions), knots, rtol=0, atol=0)
-    assert actions_for_knots(knots, K, LMAX, LMIN, SHARE) == pytest.approx(actions, abs=1e-9)
-
-
-def test_uniform_knots_reach_the_anchors_far_worse_than_cosine_knots():
-    from akod_ray.diffusion.dko import prior_actions
-    from akod_ray.diffusion.schedules import anchor_logsnr
-
-    T, K = 1000, 16
-    err = {}
-    for spacing in ("uniform", "cosine"):
-        knots = logsnr_knots(prior_actions("laplace", T, K, LMAX, LMIN, SHARE, 1.0, spacing), K, LMAX, LMIN, SHARE)
-        built = DiffusionProcess(schedule_from_knots(knots, T, spacing)).log_snr
-        err[spacing] = (built - anchor_logsnr("laplace", T, LMAX, LMIN, 1.0)).abs().mean().item()
-    assert err["cosine"] < 0.06 and err["uniform"] > 0.3
-
-
-def test_knots_out_of_the_builders_reach_are_refused_and_so_is_such_a_prior():
-    from akod_ray.config import load_config
-    from akod_ray.diffusion.dko import actions_for_knots
-    from akod_ray.errors import ConfigError
-
-    K = 4
-    drop = SHARE * (LMAX - LMIN) / K  # the least a segment may drop
-    with pytest.raises(ValueError, match="knot 2: the segment drops log-SNR by"):
-        actions_for_knots([LMAX, 5.0, 5.0 - drop / 2, -5.0, LMIN], K, LMAX, LMIN, SHARE)
-    with pytest.raises(ConfigError, match=r"^dko\.prior 'laplace' is out of the DKO's reach with dko\.num_knots=32"):
-        load_config(None, ["diffusion.schedule=akod", "dko.prior=laplace", "dko.num_knots=32", "dko.min_segment_share=0.2",
-                           "rl.segment_steps=100", "train.ckpt_every=1000"])
-
-
-def test_cosine_knot_positions():
-    pos = knot_positions(1000, 4, "cosine")
-    expected = [999 * (1 - math.cos(math.pi * k / 4)) / 2 for k in range(5)]
-    assert pos.tolist() == pytest.approx(expected, abs=1e-9) and pos[0] == 0 and pos[-1] == 999
-    with pytest.raises(ValueError, match="dko.knot_spacing"):
-        knot_positions(1000, 4, "log")

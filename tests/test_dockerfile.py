@@ -3,7 +3,7 @@
 The Dockerfile is parsed the way Docker reads it (parser directives, comments, line
 continuations), then checked: pinned official Ray base image for Python 3.11, the pinned
 requirements installed, the FID Inception weights fetched at build time, the project
-installed without touching the pinned dependencies, and a non-root final user. Each check
+installed without touching the pinned dependencies, no test tools, and a non-root final user. Each check
 is also run on a broken copy of the Dockerfile, to show that it can fail.
 """
 
@@ -23,6 +23,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 RAY_VERSION = "2.60.0"
 BASE_IMAGE_RE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<flavour>gpu|cu\d+)$")
 FID_WEIGHTS = "pt_inception-2015-12-05"
+TEST_TOOLS = ("pytest", "pytest-timeout", "hypothesis")  # pyproject.toml's `test` extra: never in the image
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,16 @@ def dockerfile_problems(instructions: list[Instruction]) -> list[str]:
     if copy_proj is not None and pip_proj is not None and pip_proj < copy_proj:
         problems.append("project: installed before it is copied")
 
-    # 5. Non-root final user, and nothing runs as root after the last USER.
+    # 5. No test tools in the image: no pip install of the `test` extra or of a test tool by name.
+    for ins in instructions:
+        if ins.cmd == "RUN" and "pip install" in ins.args:
+            if re.search(r"\[[^\]]*\btest\b[^\]]*\]", ins.args):
+                problems.append(f"test tools: line {ins.lineno} installs the test extra")
+            named = sorted(t for t in TEST_TOOLS if re.search(rf"(^|\s){re.escape(t)}(\s|[=<>~]|$)", ins.args))
+            if named:
+                problems.append(f"test tools: line {ins.lineno} installs {', '.join(named)}")
+
+    # 6. Non-root final user, and nothing runs as root after the last USER.
     users = [ins for ins in instructions if ins.cmd == "USER"]
     if not users:
         problems.append("user: no USER instruction (the base image's user is not stated)")
@@ -268,6 +278,13 @@ def test_requirements_pin_matches_base_image():
     assert re.search(r"^\s*pytorch-fid\s*==", text, flags=re.M), "pytorch-fid must be pinned (Inception prefetch)"
 
 
+def test_the_requirements_the_image_installs_hold_no_test_tools():
+    names = {re.match(r"\s*([A-Za-z0-9_.-]+)", line).group(1).lower()
+             for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.strip().startswith("#")}
+    assert not names & set(TEST_TOOLS), names & set(TEST_TOOLS)
+
+
 # --------------------------------------------------------------------------- the checks can fail
 
 
@@ -286,6 +303,9 @@ MUTATIONS = {
     "no torch home": (lambda t: re.sub(r"\s*\\\n\s*TORCH_HOME=\S+", "", t), "TORCH_HOME not set"),
     "no project install": (lambda t: _swap(t, "pip install --no-deps .", "true"), "project: no RUN"),
     "deps re-resolved": (lambda t: _swap(t, "pip install --no-deps .", "pip install ."), "project: no RUN"),
+    "test extra": (lambda t: _swap(t, "pip install --no-deps .", "pip install --no-deps .[test]"), "installs the test extra"),
+    "pytest": (lambda t: _swap(t, "pip install -r requirements.txt", "pip install -r requirements.txt pytest==9.2.0"),
+               "installs pytest"),
     "ends as root": (lambda t: t + "USER root\n", "user: final USER is 'root'"),
     "ends with run": (lambda t: t + "RUN echo hi\n", "should end with USER"),
 }

@@ -172,7 +172,7 @@ def test_a_checkpoint_refused_by_a_worker_on_resume_is_one_line_with_rays_lines_
     root = tmp_path / "root"
     run = root / "bad"
     marker = tmp_path / "payload_ran"
-    make_checkpoint(run, step=2)
+    make_checkpoint(run, step=2, legacy=True)  # an earlier version's state.pt, replaced by a pickle
     state = plant(run / "checkpoint_00000002" / "state.pt", marker)
     (run / TRAIN_INDEX).write_text(json.dumps(train_index(["checkpoint_00000002"])))
     proc = subprocess.run(akod_cmd("train", base_yaml, "--set", f"run.root={root}"), capture_output=True, text=True,

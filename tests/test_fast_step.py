@@ -441,3 +441,62 @@ def test_ema_follows_parameters_whose_data_was_replaced(small_model):
     ema.update(small_model)
     for s, s0, p in zip(ema.shadow, before, small_model.parameters()):
         assert torch.equal(s, torch.lerp(s0, p.detach(), 0.5))
+
+
+# ----------------------------------------------------------------- the caller's draws, weights, an objective
+
+
+@pytest.mark.parametrize("emulate_capture", [False, True], ids=["eager", "captured"])
+def test_given_t_and_noise_are_the_steps_draws(small_model, emulate_capture):
+    """A step given the very t and noise it would have drawn is the same step, bit for bit (eager and the
+    emulated capture path); the per-image losses of the step are kept on the device."""
+    a, b = copy.deepcopy(small_model), copy.deepcopy(small_model)
+    out_a, _, _, _ = run_fast(a, OPTS, compile="eager", _emulate_capture=emulate_capture)
+    opt = make_optimizer(b, 5e-3, 0.0)
+    runner = FastStep(b, opt, OPTS, T, compile="eager", ema=EMA(b, 0.9), _emulate_capture=emulate_capture)
+    out_b = []
+    for step in range(4):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, 5e-3, 4)
+        gen = torch.Generator().manual_seed(step)
+        t, noise = [], []
+        for x in batches(step):
+            t.append(torch.randint(0, T, (x.shape[0],), generator=gen))
+            noise.append(torch.randn(x.shape, generator=gen))
+        m = runner(batches(step), process_at(step), torch.Generator(), t=t, noise=noise)
+        out_b.append((m["loss"].item(), m["grad_norm"].item()))
+        assert [x.shape for x in runner.last_losses] == [(2,), (2,)]
+    assert out_a == out_b
+    assert_same_weights(a, b)
+    with pytest.raises(ValueError, match="both t and noise"):
+        runner(batches(0), process_at(0), torch.Generator(), t=t)
+
+
+def test_per_image_weights_scale_each_images_loss(small_model):
+    """Weights of 1 change nothing; doubling every weight doubles the loss (the mean of weight x loss)."""
+    a, b = copy.deepcopy(small_model), copy.deepcopy(small_model)
+    ra = FastStep(a, make_optimizer(a, 1e-3, 0.0), OPTS, T)
+    rb = FastStep(b, make_optimizer(b, 1e-3, 0.0), OPTS, T)
+    gen = torch.Generator().manual_seed(0)
+    t = [torch.randint(0, T, (2,), generator=gen) for _ in range(2)]
+    noise = [torch.randn(2, 3, 16, 16, generator=gen) for _ in range(2)]
+    la = ra(batches(0), SCHEDULES[0], t=t, noise=noise)["loss"]
+    lb = rb(batches(0), SCHEDULES[0], t=t, noise=noise, weights=[torch.full((2,), 2.0)] * 2)["loss"]
+    assert lb.item() == pytest.approx(2 * la.item(), rel=1e-6)
+    c = copy.deepcopy(small_model)
+    rc = FastStep(c, make_optimizer(c, 1e-3, 0.0), OPTS, T)
+    lc = rc(batches(0), SCHEDULES[0], t=t, noise=noise, weights=[torch.ones(2)] * 2)["loss"]
+    assert lc.item() == la.item()
+
+
+def test_an_objective_with_parameters_of_its_own_is_stepped_with_the_model(small_model):
+    from akod_ray.training.adaptation import EDM2Weighting
+
+    objective = EDM2Weighting(lr=1e-2)
+    runner = FastStep(small_model, make_optimizer(small_model, 1e-3, 0.0), StepOptions(None, False, 1.0), T,
+                      objective=objective, _emulate_capture=True)
+    assert not runner.capture  # an objective with parameters is never captured
+    before = objective.linear.weight.detach().clone()
+    for step in range(3):
+        runner(batches(step), SCHEDULES[0], torch.Generator().manual_seed(step))
+    assert not torch.equal(objective.linear.weight, before)

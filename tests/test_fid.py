@@ -13,6 +13,7 @@ from pytorch_fid.inception import FID_WEIGHTS_URL
 from akod_ray.errors import AkodError, DataError
 from akod_ray.evaluation import fid
 from akod_ray.evaluation.fid import FeatureStats, frechet_distance, statistics
+from inception_helpers import standin_inception_weights
 
 INCEPTION = fid.IMPLEMENTATIONS["inception"]
 
@@ -138,13 +139,7 @@ def test_image_ranges():
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
     """The real FID Inception architecture with seeded random weights, saved to a file, and loaded."""
-    torch.manual_seed(0)
-    net = fid.fid_inception_architecture()
-    for m in net.modules():  # He init keeps activations O(1) through 90+ layers (the default shrinks them ~1e-8)
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(net.state_dict(), path)
+    path = standin_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth")
     return path, fid.build_inception(weights=path)
 
 

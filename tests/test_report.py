@@ -17,9 +17,9 @@ from akod_ray.config import (Config, DataConfig, DiffusionConfig, DKOConfig, Eva
                              config_to_dict, save_config)
 from akod_ray.data.parquet import to_model_range
 from akod_ray.data.procedural import procedural_images
-from akod_ray.diffusion.dko import schedule_from_actions
+from test_samplers import dko_betas
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.samplers import sample
+from akod_ray.diffusion.dispatch import sample
 from akod_ray.diffusion.schedules import fixed_schedule, save_schedule
 from akod_ray.errors import DataError
 from akod_ray.evaluation.feature_net import C10FeatureNet
@@ -44,14 +44,14 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread_module")  # one torch 
 def train_tiny_run(run_dir: Path, schedule: str, seed: int, ref_c10, feat_net, min_snr_gamma=None) -> list[dict]:
     """Train a tiny U-Net for STEPS steps and write the run folder as the training loop does."""
     diffusion = DiffusionConfig(T=T, schedule=schedule, min_snr_gamma=min_snr_gamma)
-    cfg = Config(run=RunConfig(name=run_dir.name, root=str(run_dir.parent)), diffusion=diffusion, model=TINY_MODEL, dko=DKOConfig(num_knots=8),
+    cfg = Config(run=RunConfig(name=run_dir.name, root=str(run_dir.parent)), diffusion=diffusion, model=TINY_MODEL, dko=DKOConfig(bins=8, prior="loglinear"),
                  data=DataConfig(source="procedural", val_size=8, seed=seed),
                  train=TrainConfig(steps=STEPS, batch_size=8, lr=2e-3, warmup_steps=0, ema_decay=0.5, seed=seed),
                  eval=EvalConfig(sampler="ddim", sampler_steps=5, grid_size=4, fid_samples=16))
     save_config(cfg, run_dir)
     if schedule == "akod":
-        # A learned-looking schedule: the DKO's knot construction from fixed actions.
-        betas = schedule_from_actions([0.2, 0.5, 0.3, 0.6, 0.4, 0.5, 0.5], T, 8, 9.21, -10.13, 0.1)
+        # A learned-looking schedule: the DKO's export of a fixed correction of its prior.
+        betas = dko_betas(T, seed=3, bins=8)
         save_schedule(run_dir / "schedule.json", betas, source="akod")  # as the AKOD driver marks it
     else:
         betas = fixed_schedule(schedule, T)

@@ -7,15 +7,20 @@ import math
 import pytest
 import torch
 
-from akod_ray.diffusion.dko import schedule_from_actions
+from akod_ray.diffusion.dko import NoiseBins, bin_probs, quantile_schedule
+from akod_ray.diffusion.schedules import anchor_logsnr
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.samplers import ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample, sample
+from akod_ray.diffusion.dispatch import sample
+from akod_ray.diffusion.samplers import ddim_sample, ddim_sigma, ddim_timesteps, ddpm_sample
 from akod_ray.diffusion.schedules import cosine_betas, linear_betas
 
 
-def dko_betas(T: int, seed: int = 0) -> torch.Tensor:
-    actions = torch.randn(15, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
-    return schedule_from_actions(actions, T, num_knots=16, logsnr_max=9.21, logsnr_min=-10.13, min_share=0.1)
+def dko_betas(T: int, seed: int = 0, bins: int = 16) -> torch.Tensor:
+    """A learned-looking schedule: the DKO's export of a random correction of the loglinear prior's bins."""
+    nb = NoiseBins(T, bins)
+    correction = torch.randn(bins, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+    return quantile_schedule(nb.step_distribution(bin_probs(correction, nb.mass, 0.1)),
+                             anchor_logsnr("loglinear", T, 9.21, -10.13))
 
 
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "dko": dko_betas}

@@ -8,25 +8,25 @@ from __future__ import annotations
 import json
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from akod_ray.diffusion.adaptive import adaptive_sample, next_logsnr
 from akod_ray.diffusion.process import DiffusionProcess
-from akod_ray.diffusion.samplers import (Denoiser, ddim_sample, ddim_timesteps, network_evaluations, sample,
-                                       sampler_steps_problem)
+from akod_ray.diffusion.dispatch import SAMPLERS, network_evaluations, sample, sample_batch
+from akod_ray.diffusion.samplers import Denoiser, ddim_sample, ddim_timesteps, sampler_steps_problem
 from akod_ray.diffusion.schedules import (DIFFUSERS_CONFIG, cosine_betas, linear_betas, save_schedule,
                                           uniform_logsnr_betas)
-from akod_ray.diffusion.solvers import (SOLVERS, build_scheduler, run_scheduler, solver_evaluations, solver_sample,
-                                        solver_timesteps)
+from akod_ray.diffusion.solvers import SOLVERS, build_scheduler, run_scheduler, solver_evaluations, solver_timesteps
 
 from test_samplers import NoiseModel, dko_betas, x0_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn.t accept a copy keyword:DeprecationWarning")
 
-DIFFUSERS_SOLVERS = [name for name, spec in SOLVERS.items() if spec.scheduler]
-ALL_SOLVERS = list(SOLVERS)
+DIFFUSERS_SOLVERS = list(SOLVERS)
+ALL_SOLVERS = [name for name in SAMPLERS if name not in ("ddpm", "ddim")]  # diffusers' and the adaptive one
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "learned": dko_betas}
 LMAX, LMIN = 9.21, -10.13  # dko.logsnr_max / logsnr_min: the common grid's endpoints
 
@@ -77,7 +77,7 @@ def test_each_sampler_returns_finite_images_in_range(process, name):
     out = sample(NoiseModel(), process, 3, torch.Generator().manual_seed(0), sampler=name, steps=10, image_size=8)
     assert out.shape == (3, 3, 8, 8)
     assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
-    raw = solver_sample(name, NoiseModel(), process, (3, 3, 8, 8), torch.Generator().manual_seed(0), 10)
+    raw = sample_batch(name, NoiseModel(), process, (3, 3, 8, 8), torch.Generator().manual_seed(0), 10)
     assert torch.isfinite(raw).all() and raw.abs().max() <= 1 + 1e-5  # x0 clipped at every evaluation
 
 
@@ -88,9 +88,9 @@ def test_each_sampler_recovers_x0_from_an_oracle(process, name, steps):
     timestep or a wrong input scaling gives the network a noise level its input does not have."""
     x0 = x0_images()
     model = LogSNROracle(x0)
-    out = solver_sample(name, model, process, tuple(x0.shape), torch.Generator().manual_seed(0), steps)
+    out = sample_batch(name, model, process, tuple(x0.shape), torch.Generator().manual_seed(0), steps)
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
-    assert len(model.log_snr) == solver_evaluations(name, steps)
+    assert len(model.log_snr) == network_evaluations(name, steps, process.T)
     assert model.log_snr[0][0].item() == pytest.approx(process.log_snr[-1].item(), abs=1e-5)  # from pure noise
 
 
@@ -100,7 +100,7 @@ def test_each_sampler_on_another_grid_than_its_training_schedule(name):
     x0 = x0_images()
     train = DiffusionProcess(cosine_betas(1000))
     model = LogSNROracle(x0)
-    out = solver_sample(name, model, train, tuple(x0.shape), torch.Generator().manual_seed(1), 8,
+    out = sample_batch(name, model, train, tuple(x0.shape), torch.Generator().manual_seed(1), 8,
                         grid=common_grid(1000))
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
     assert model.log_snr[0][0].item() == pytest.approx(LMIN, abs=1e-5)
@@ -115,7 +115,7 @@ def test_every_sampler_starts_from_the_same_x_T():
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     for name in ALL_SOLVERS:
         model = LogSNROracle(x0_images())
-        solver_sample(name, model, process, shape, torch.Generator().manual_seed(5), 4)
+        sample_batch(name, model, process, shape, torch.Generator().manual_seed(5), 4)
         torch.testing.assert_close(model.inputs[0], x_T, rtol=1e-6, atol=1e-6, msg=name)
     model = LogSNROracle(x0_images())
     ddim_sample(model, process, shape, torch.Generator().manual_seed(5), steps=4)
@@ -161,8 +161,10 @@ def test_solver_evaluations_is_the_number_of_network_calls(name):
     process = DiffusionProcess(linear_betas(60))
     for steps in range(3 if name == "heun" else 1, 13):
         model = CountingModel()
-        solver_sample(name, model, process, (1, 3, 8, 8), torch.Generator().manual_seed(0), steps)
-        assert model.calls == solver_evaluations(name, steps) == network_evaluations(name, steps, 60) <= steps
+        sample_batch(name, model, process, (1, 3, 8, 8), torch.Generator().manual_seed(0), steps)
+        assert model.calls == network_evaluations(name, steps, 60) <= steps
+        if name in SOLVERS:
+            assert solver_evaluations(name, steps) == model.calls
     assert solver_evaluations("heun", 10) == 9 and solver_evaluations("heun", 9) == 9
     assert network_evaluations("ddpm", 10, 60) == 60
 
@@ -176,7 +178,7 @@ def test_solver_evaluations_is_the_number_of_network_calls(name):
 ])
 def test_a_budget_a_sampler_cannot_spend_is_one_line(name, steps, pattern):
     with pytest.raises(ValueError, match=pattern) as info:
-        solver_sample(name, NoiseModel(), DiffusionProcess(linear_betas(50)), (1, 3, 8, 8), torch.Generator(), steps)
+        sample_batch(name, NoiseModel(), DiffusionProcess(linear_betas(50)), (1, 3, 8, 8), torch.Generator(), steps)
     assert "\n" not in str(info.value)
 
 
@@ -215,7 +217,7 @@ def test_a_schedule_diffusers_cannot_hold_in_float32_is_refused_in_one_line(name
     process = DiffusionProcess(betas)  # a valid schedule of the project
     with pytest.raises(ValueError, match=rf"^{name} cannot take this schedule: diffusers keeps abar_t in float32, "
                                          rf"where {why}; sample it with ddpm or ddim \(float64\)$"):
-        solver_sample(name, NoiseModel(), process, (1, 3, 8, 8), torch.Generator(), 5)
+        sample_batch(name, NoiseModel(), process, (1, 3, 8, 8), torch.Generator(), 5)
     out = ddim_sample(NoiseModel(), process, (1, 3, 8, 8), torch.Generator(), steps=5)  # float64: fine
     assert torch.isfinite(out).all()
 
@@ -374,7 +376,7 @@ def test_next_logsnr_rule():
 
 def test_adaptive_refuses_a_kernel_larger_than_the_image():
     with pytest.raises(ValueError, match=r"adaptive: dko\.kernel_size 7 exceeds the image size \(4, 4\)"):
-        solver_sample("adaptive", NoiseModel(), DiffusionProcess(cosine_betas(20)), (1, 3, 4, 4), torch.Generator(), 3)
+        sample_batch("adaptive", NoiseModel(), DiffusionProcess(cosine_betas(20)), (1, 3, 4, 4), torch.Generator(), 3)
 
 
 def test_a_fixed_schedule_run_writes_its_schedule_in_both_formats_at_start(tmp_path, monkeypatch):
@@ -404,3 +406,36 @@ def test_a_fixed_schedule_run_writes_its_schedule_in_both_formats_at_start(tmp_p
     assert torch.equal(load_schedule(cfg.run_dir / "schedule.json", 100), cosine_betas(100))
     sched = diffusers.UniPCMultistepScheduler.from_pretrained(cfg.run_dir)
     assert torch.equal(sched.alphas_cumprod, torch.cumprod(1 - cosine_betas(100).float(), 0))
+
+
+# ----------------------------------------------------------------- one way into sampling
+
+
+def test_sampling_modules_import_downwards_only():
+    """samplers.py <- solvers.py, adaptive.py <- dispatch.py: no module imports one above it (no loop), and
+    the dispatcher knows every sampler name the config accepts."""
+    import ast
+
+    from akod_ray.config import SAMPLERS as CONFIG_SAMPLERS
+
+    layer = {"samplers": 0, "solvers": 1, "adaptive": 1, "dispatch": 2}
+    root = Path(__file__).resolve().parents[1] / "akod_ray" / "diffusion"
+    for name, level in layer.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {node.module.rsplit(".", 1)[1] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("akod_ray.diffusion.")}
+        above = {m for m in imported if layer.get(m, -1) >= level and m != name}
+        assert not above, f"{name}.py imports {above} (same layer or above)"
+    assert SAMPLERS == CONFIG_SAMPLERS
+
+
+def test_the_dispatcher_takes_a_diffusers_scheduler_object():
+    """A scheduler handed over samples on its own grid; the project's dpmpp_2m is the same scheduler by name."""
+    process = DiffusionProcess(linear_betas(100))
+    sched = build_scheduler("dpmpp_2m", process, 6)
+    by_object = sample(NoiseModel(), process, 3, torch.Generator().manual_seed(0), sampler=sched, steps=6, image_size=8)
+    by_name = sample(NoiseModel(), process, 3, torch.Generator().manual_seed(0), sampler="dpmpp_2m", steps=6,
+                     image_size=8)
+    assert torch.equal(by_object, by_name)
+    with pytest.raises(ValueError, match="a sampler is a name from .* or a diffusers scheduler, got int"):
+        sample(NoiseModel(), process, 1, torch.Generator(), sampler=3)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from akod_ray.config import load_config
+from akod_ray.config import ARMS, load_config
 from akod_ray.sweep.trial import point_name, replace_sweep, search_space, trial_config
 from akod_ray.sweep.tuner import write_table
 from ray_helpers import CIFAR_DIR as CIFAR
@@ -36,10 +36,13 @@ def test_search_space_covers_arms_filter_sizes_and_seeds():
 
 
 # arm -> (schedule, Min-SNR gamma, MSFI and beta-modulation): DESIGN 1.7
-EXPECTED_SWITCHES = {
-    "baseline": ("linear", None, False), "cosine": ("cosine", None, False), "min_snr": ("cosine", 5.0, False),
-    "loglinear": ("loglinear", None, False), "edm": ("edm", None, False), "laplace": ("laplace", None, False),
-    "msfi_only": ("cosine", None, True), "dko_only": ("akod", None, False), "akod": ("akod", None, True),
+EXPECTED_SWITCHES = {  # arm: (schedule, Min-SNR gamma, AKOD U-Net, adaptation, frozen)
+    "baseline": ("linear", None, False, "none", False), "cosine": ("cosine", None, False, "none", False),
+    "min_snr": ("cosine", 5.0, False, "none", False), "loglinear": ("loglinear", None, False, "none", False),
+    "edm": ("edm", None, False, "none", False), "laplace": ("laplace", None, False, "none", False),
+    "importance": ("laplace", None, False, "importance", False), "edm2": ("laplace", None, False, "edm2", False),
+    "msfi_only": ("laplace", None, True, "none", False), "dko_frozen": ("akod", None, False, "none", True),
+    "dko_only": ("akod", None, False, "none", False), "akod": ("akod", None, True, "none", False),
 }
 SMOKE_ARMS = {"baseline", "cosine", "loglinear", "laplace", "msfi_only", "dko_only", "akod"}  # make demo's seven
 
@@ -49,12 +52,13 @@ def test_trial_config_gives_every_arm_its_switches_and_the_same_budget():
                                                              "model.msfi=true", "model.beta_modulation=false"])
     assert set(cfg.sweep.arms) == SMOKE_ARMS  # the smoke sweep runs seven of the arms
     cfg = replace_sweep(cfg, arms=tuple(EXPECTED_SWITCHES))
+    assert set(EXPECTED_SWITCHES) == set(ARMS)
     by_arm = {p["arm"]: trial_config(cfg, p, "/tmp/x", "t1") for p in search_space(cfg)}
     assert {c.train.steps for c in by_arm.values()} == {200}
-    for arm, (schedule, gamma, akod_unet) in EXPECTED_SWITCHES.items():
+    for arm, (schedule, gamma, akod_unet, adaptation, frozen) in EXPECTED_SWITCHES.items():
         c = by_arm[arm]  # the base config's model switches never leak into an arm
-        assert (c.diffusion.schedule, c.diffusion.min_snr_gamma, c.model.msfi, c.model.beta_modulation) == \
-            (schedule, gamma, akod_unet, akod_unet), arm
+        assert (c.diffusion.schedule, c.diffusion.min_snr_gamma, c.model.msfi, c.model.beta_modulation,
+                c.diffusion.adaptation, c.rl.frozen) == (schedule, gamma, akod_unet, akod_unet, adaptation, frozen), arm
     assert by_arm["akod"].dko.kernel_size == 7
     assert by_arm["baseline"].run.name == "baseline_s0-t1"  # from the trial id, never a timestamp
     timed = load_config(ROOT / "tune_configs" / "smoke.yaml", ["sweep.budget_kind=seconds", "sweep.budget=90"])
@@ -63,9 +67,10 @@ def test_trial_config_gives_every_arm_its_switches_and_the_same_budget():
 
 @pytest.mark.timeout(300)
 def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
-    """Issues 11 and 16: each of the nine arms runs (a few steps, tiny U-Net, procedural data) with the
-    network and schedule its spec says: MSFI weights exist only in the AKOD U-Net arms, the
-    schedule the checkpoint stores is the arm's."""
+    """Issues 11, 16 and 21: each of the twelve arms runs (a few steps, tiny U-Net, procedural data) with the
+    network, schedule and switches its spec says: MSFI weights exist only in the AKOD U-Net arms, the schedule
+    the checkpoint stores is the arm's, the online arms keep their sampler's or objective's state, the frozen
+    control's DKO never moves."""
     import ray
     import torch
 
@@ -82,12 +87,13 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
     base = load_config(ROOT / "tune_configs" / "tiny_akod.yaml", [
         "data.source=procedural", "data.train_subset=64", "data.val_size=8", "train.batch_size=8", "train.steps=4",
         "train.log_every=2", "train.ckpt_every=4", "train.sample_every=4", "rl.segment_steps=2", "rl.train_batch=1",
-        "rl.minibatch_size=3", "dko.probe_pool=16", "eval.fid_samples=8", "eval.sampler_steps=2", "sweep.budget=32"])
+        "rl.decision_every=1", "rl.decision_images=2", "rl.minibatch_size=4", "rl.probe_pairs=4", "dko.probe_pool=16",
+        "eval.fid_samples=8", "eval.sampler_steps=2", "sweep.budget=32"])
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        for arm, (schedule, gamma, akod_unet) in EXPECTED_SWITCHES.items():
+        for arm, (schedule, gamma, akod_unet, adaptation, frozen) in EXPECTED_SWITCHES.items():
             point = {"arm": arm, "kernel_size": 5 if schedule == "akod" else None, "seed": 0}
             cfg = trial_config(base, point, str(tmp_path), "t")
             data = load_training_data(cfg, None)
@@ -105,11 +111,17 @@ def test_every_arm_trains_with_its_switches(tmp_path, torch_single_thread):
                         "laplace": anchor_betas("laplace", 1000, *ends, cfg.diffusion.laplace_scale)}.get(schedule)
             if expected is not None:
                 assert torch.equal(state["betas"], expected), arm
-            else:  # the learned arms store the DKO that made their schedule
-                assert set(state["schedule_source"]["dko"]) == {"weights", "module", "context"}
+            else:  # the learned arms store the DKO their trunk trained with
+                assert set(state["schedule_source"]["dko"]) >= {"weights", "context"}
+                iterations = [json.loads(x) for x in (cfg.run_dir / "rl" / "iterations.jsonl").read_text().splitlines()]
+                assert all(i["frozen"] == frozen for i in iterations) and iterations, arm
+                if frozen:
+                    assert not state["schedule_source"]["dko"]["weights"]["head.weight"].any()
+            assert ("sampler" in state["schedule_source"]) == (adaptation == "importance"), arm
+            assert ("objective" in state) == (adaptation == "edm2"), arm
             row = summarize(cfg, point)
-            assert (row["schedule"], row["min_snr_gamma"], row["msfi"], row["beta_modulation"]) == \
-                (schedule, gamma, akod_unet, akod_unet), arm
+            assert (row["schedule"], row["min_snr_gamma"], row["msfi"], row["beta_modulation"], row["adaptation"],
+                    row["frozen"]) == (schedule, gamma, akod_unet, akod_unet, adaptation, frozen), arm
     finally:
         if started:
             ray.shutdown()
@@ -281,3 +293,32 @@ def test_resume_never_runs_a_payload_planted_in_tune_state(tmp_path):
     assert (redo / "summary.json").is_file() and sorted(runs.iterdir()) == [kept, redo]
     rows = list(csv.DictReader((sweep_dir / "sweep_table.csv").open()))
     assert sorted((r["arm"], r["schedule"], r["step"]) for r in rows) == [("baseline", "linear", "8"), ("cosine", "cosine", "8")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_tiny_sweep_shows_inception_fid_beside_fid_c10_with_stand_in_weights(tmp_path):
+    """Issue 23, item 3: with pytorch-fid weights on disk (stand-ins in its format, AKOD_INCEPTION_WEIGHTS) the
+    sweep computes the Inception reference once and its table and report show Inception FID next to fid_c10."""
+    from inception_helpers import standin_inception_weights
+
+    base = {**RESUME_BASE, "data": {**RESUME_BASE["data"], "train_subset": 16},
+            "eval": {**RESUME_BASE["eval"], "fid_samples": 4},
+            "sweep": {"name": "inception", "arms": ["baseline"], "budget": 32, "max_concurrent_trials": 1}}
+    cfg_path = tmp_path / "inception.yaml"
+    cfg_path.write_text(yaml.safe_dump(base))
+    weights = standin_inception_weights(tmp_path / "weights" / "pt_inception-2015-12-05-6726825d.pth")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", AKOD_INCEPTION_WEIGHTS=str(weights))
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "akod_ray", "sweep", str(cfg_path), "--set", f"run.root={tmp_path}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "inception"
+    assert f"[akod] Inception FID: reference statistics of the 16 training images -> {sweep_dir}" in out.stdout
+    assert "no pytorch-fid weights" not in out.stdout
+    [row] = list(csv.DictReader((sweep_dir / "sweep_table.csv").open()))
+    assert float(row["fid"]) > 0 and int(row["fid_n"]) == 4 and float(row["fid_c10"]) > 0 and int(row["fid_c10_n"]) == 4
+    header = (sweep_dir / "sweep_table.md").read_text().splitlines()[0]
+    assert "| fid_c10 | fid_c10_n | fid | fid_n |" in header
+    report = (sweep_dir / "report.md").read_text()
+    assert "final fid_c10 (N)" in report and "final FID (N)" in report and "no run recorded it" not in report

@@ -18,7 +18,7 @@ from akod_ray.config import (Config, DataConfig, DiffusionConfig, EvalConfig, Mo
                              save_config)
 from akod_ray.data.sources import load_training_data
 from akod_ray.errors import CheckpointError
-from akod_ray.training.checkpoint import checkpoint_dir_name, latest_checkpoint, load_state
+from akod_ray.training.checkpoint import STATE_FILE, checkpoint_dir_name, latest_checkpoint, load_state
 from akod_ray.training.local import LocalEnv
 from akod_ray.training.loop import run_training
 from akod_ray.training.schedule_source import fixed_source
@@ -111,7 +111,7 @@ def test_resume_is_exact(straight_and_resumed):
 def test_resuming_from_a_corrupt_latest_checkpoint_names_the_file(tmp_path, torch_single_thread):
     cfg = tiny_config(tmp_path, "corrupt", N)
     train_local(cfg)
-    state_file = cfg.run_dir / checkpoint_dir_name(N) / "state.pt"
+    state_file = cfg.run_dir / checkpoint_dir_name(N) / STATE_FILE
     data = state_file.read_bytes()
     state_file.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
     with pytest.raises(CheckpointError) as info:
@@ -148,8 +148,8 @@ class SegmentedSchedule:
 
         return Segment(self.process, min(self.length, steps_left), request_id=len(self.posted))
 
-    def finish_segment(self, segment, result):
-        self.posted.append(dict(result, request_id=segment.request_id))
+    def finish_segment(self, segment, result, trunk):
+        self.posted.append(dict(result, **trunk.reward_profile(), request_id=segment.request_id))
 
     def heartbeat(self, step):
         pass
@@ -163,20 +163,26 @@ class SegmentedSchedule:
 
 def test_a_segment_end_scores_the_reward_probe_once_and_log_steps_the_reference(tmp_path, torch_single_thread,
                                                                                  monkeypatch):
-    """At a segment end the reward probe (rl.reward_images x rl.reward_grid) is evaluated once and posted;
-    every log step evaluates the reference loss (train.ref_grid x data.val_size) once for its record."""
+    """A segment end hands the source the trunk at that step: the reward probe (rl.reward_images x
+    rl.reward_grid) it asks for is evaluated once and cached for the step; every log step evaluates the
+    reference loss (train.ref_grid x data.val_size) once for its record."""
+    from akod_ray.training import credit as credit_module
     from akod_ray.training import step as step_module
     from akod_ray.training.schedule_source import fixed_betas
 
     calls = []
-    original = step_module.ReferenceProtocol.profile
 
-    def counted(self, model, bf16=False):
-        value = original(self, model, bf16)
-        calls.append(len(value))
-        return value
+    def counting(cls):
+        original = cls.profile
 
-    monkeypatch.setattr(step_module.ReferenceProtocol, "profile", counted)
+        def counted(self, model, bf16=False):
+            value = original(self, model, bf16)
+            calls.append(len(value))
+            return value
+        monkeypatch.setattr(cls, "profile", counted)
+
+    counting(step_module.ReferenceProtocol)
+    counting(credit_module.LevelProbe)
     cfg = tiny_config(tmp_path, "segments", 8, log_every=2)  # log steps 2, 4, 6, 8
     cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward_grid=5))
     source = SegmentedSchedule(fixed_betas(cfg), length=4)  # segment ends at 4 and 8

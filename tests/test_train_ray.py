@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 
+from akod_ray.training.checkpoint import STATE_FILE, load_state
 from ray_helpers import (  # noqa: F401 - akod_runs is a fixture
     TINY,
     TUNE_CONFIGS,
@@ -75,10 +76,11 @@ def test_two_workers_train_a_unet_through_ray_train(tmp_path, akod_runs):
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in records])))
     assert ref[-1] < 0.8 * ref[0], f"reference loss did not fall: {ref}"
 
-    # checkpoints: plain tensors and data, loadable with weights_only=True
+    # checkpoints: plain tensors and data, in safetensors (the tensors) and JSON (the rest)
     ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert ckpts == ["checkpoint_00000020", "checkpoint_00000040"]
-    state = torch.load(run_dir / "checkpoint_00000040" / "state.pt", weights_only=True)
+    assert sorted(p.name for p in (run_dir / "checkpoint_00000040").iterdir()) == [STATE_FILE]
+    state = load_state(run_dir / "checkpoint_00000040")
     assert state["step"] == 40
     assert state["data"] == {"epoch": 2, "offset": 128}  # 256 images / 16 per step = 16 steps an epoch
     assert state["config"]["train"]["num_workers"] == 2
@@ -142,7 +144,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(tmp
     after = interval_records(run_dir)
     assert [r["step"] for r in after] == list(range(5, steps + 1, 5))
     assert [r for r in after if r["step"] <= start] == [r for r in before if r["step"] <= start]
-    state = torch.load(run_dir / f"checkpoint_{steps:08d}" / "state.pt", weights_only=True)
+    state = load_state(run_dir / f"checkpoint_{steps:08d}")
     assert state["step"] == steps and state["data"] == {"epoch": 2, "offset": 128}  # 16 steps an epoch
 
 
@@ -188,7 +190,6 @@ def test_a_nan_loss_stops_the_run_with_one_clear_error_and_keeps_the_last_checkp
     bad = int(m.group(2))
     assert 2 <= bad <= 6
     assert steps_of(run_dir)[-1] == bad - 1
-    last = run_dir / f"checkpoint_{bad - 1:08d}" / "state.pt"
-    state = torch.load(last, weights_only=True)
+    state = load_state(run_dir / f"checkpoint_{bad - 1:08d}")
     assert state["step"] == bad - 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

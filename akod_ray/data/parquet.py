@@ -155,17 +155,23 @@ def to_model_range(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
-def write_parquet(path: str | Path, images: np.ndarray, labels: np.ndarray, fmt: str = "PNG") -> Path:
-    """Write uint8 images [N, H, W, 3] and labels to ``path`` in this format (atomically)."""
+def write_parquet(path: str | Path, images: np.ndarray, labels: np.ndarray, fmt: str = "PNG",
+                  progress_desc: str | None = None) -> Path:
+    """Write uint8 images [N, H, W, 3] and labels to ``path`` in this format (atomically); ``progress_desc``:
+    show the encoding's progress under that name."""
+    from akod_ray.progress import progress
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blobs, index_in_class, seen = [], [], {}
-    for im, lab in zip(images, labels):
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format=fmt)
-        blobs.append(buf.getvalue())
-        index_in_class.append(seen.get(int(lab), 0))
-        seen[int(lab)] = index_in_class[-1] + 1
+    with progress(progress_desc, len(images)) as bar:
+        for im, lab in zip(images, labels):
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format=fmt)
+            blobs.append(buf.getvalue())
+            index_in_class.append(seen.get(int(lab), 0))
+            seen[int(lab)] = index_in_class[-1] + 1
+            bar.update(1)
     table = pa.table({
         "image": pa.array(blobs, type=pa.binary()),
         "label": pa.array(np.asarray(labels, dtype=np.int8)),

@@ -21,5 +21,6 @@ def prepare_cifar10(out: str | Path, download_root: str | Path | None = None) ->
             ds = CIFAR10(root=str(root), train=train, download=True)
             labels = np.asarray(ds.targets)
             order = np.lexsort((np.arange(len(labels)), labels))  # sorted by (label, index), like the shared copy
-            write_parquet(out / f"{split}.parquet", ds.data[order], labels[order], fmt="PNG")
+            write_parquet(out / f"{split}.parquet", ds.data[order], labels[order], fmt="PNG",
+                          progress_desc=f"CIFAR-10 {split} -> Parquet")
     return out

@@ -82,6 +82,28 @@ class BatchStream:
         self.offset += self.batch_size
         return start
 
+    def peek(self, offsets: list[int], n: int) -> list[torch.Tensor]:
+        """The first ``n`` images (uint8, as stored: unflipped) of this worker's share of the batches ``offsets``
+        steps ahead (0: the next batch), without moving: what :meth:`next` will return then, up to flips."""
+        if not offsets:
+            return []
+        epoch, offset, perm = self.epoch, self.offset, self._perm
+        share = self.batch_size // self.world_size
+        want, out = set(offsets), {}
+        for k in range(max(offsets) + 1):
+            if offset + self.batch_size > perm.shape[0]:
+                epoch, offset, perm = epoch + 1, 0, self._permutation(epoch + 1)
+            start = offset + self.rank * share
+            offset += self.batch_size
+            if k in want:
+                out[k] = self.images[perm[start:start + min(n, share)].to(self.images.device)].cpu()
+        return [out[k] for k in offsets]
+
+    def pool(self, n: int, seed: int) -> torch.Tensor:
+        """A fixed, seeded subset of ``n`` training images (uint8): the same on every worker."""
+        idx = torch.randperm(self.images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        return self.images[idx.to(self.images.device)].cpu()
+
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This epoch's permutation and this worker's flips ([batches, share]), on the images' device."""
         if self._epoch_tables is None or self._epoch_tables[0] != self.epoch:

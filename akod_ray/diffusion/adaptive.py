@@ -44,7 +44,8 @@ from __future__ import annotations
 import torch
 
 from akod_ray.diffusion.dko import local_variance
-from akod_ray.diffusion.samplers import Denoiser
+from akod_ray.diffusion.process import DiffusionProcess
+from akod_ray.diffusion.samplers import Denoiser, sampler_steps_problem
 
 # Half of each step follows sigma_local, half is uniform in log-SNR: sigma_local is a local (k x k)
 # statistic, blind to the global structure that forms at low SNR, where the log-SNR half keeps steps.
@@ -114,3 +115,17 @@ def adaptive_sample(den: Denoiser, x_T: torch.Tensor, steps: int, kernel_size: i
         x = coef(ratio) * x - coef(torch.sqrt(torch.sigmoid(lam_next)) * torch.expm1(-h)) * d
         x0_prev, h_prev, lam = x0, h, lam_next
     return x0
+
+
+@torch.no_grad()
+def adaptive_images(model, process: DiffusionProcess, shape: tuple[int, ...], generator: torch.Generator, steps: int,
+                    device: torch.device | str = "cpu", bf16: bool = False, grid: DiffusionProcess | None = None,
+                    clip_x0: bool = True, kernel_size: int = 7) -> torch.Tensor:
+    """Images [shape] from :func:`adaptive_sample` on ``grid`` (default: the training schedule), starting from
+    x_T = ``torch.randn(shape, generator)`` as every sampler does; refuses a budget before drawing noise."""
+    den = Denoiser(model, process, grid, clip_x0, bf16)
+    problem = sampler_steps_problem("adaptive", steps, den.grid.T)
+    if problem is not None:
+        raise ValueError(f"adaptive: eval.sampler_steps {problem}, got {steps}")
+    x_T = torch.randn(shape, generator=generator, device=device)
+    return adaptive_sample(den, x_T, steps, kernel_size)

@@ -1,50 +1,50 @@
-"""The Dynamic Kernel Optimizer (DKO): its math, its observation and its schedule, in one place.
+"""The Dynamic Kernel Optimizer (DKO), version 3: a distribution over noise levels, image by image.
 
-The paper sets beta_t = f(t, sigma_local(x_t)) with f an MLP trained by PPO. Here the
-schedule is built knot by knot (DESIGN 1.3): at knot k the DKO sees the local variance of
-a probe of real training images noised to t_k with the schedule built so far, and the
-state of training, and chooses which share of the remaining log-SNR range the next segment
-uses. Every action sequence gives a valid, strictly monotone schedule with fixed
-endpoints: validity by construction, not clamping.
+The paper sets beta_t = f(t, sigma_local(x_t)) with f an MLP trained by PPO. Under uniform t a
+schedule *is* a training distribution over log-SNR (DESIGN 1.1); version 3 reads the paper that
+way and lets the DKO set it per image, from the local variance of that image's signal:
 
-The observation (:class:`DKOObserver`). At knot k, with lambda_k the log-SNR the actions so
-far put there, the DKO sees ``OBS_DIM`` numbers:
+    pi(j | x_0) = (1 - floor) softmax(log m + f(obs(x_0)))_j + floor m_j,   j = 0 .. J - 1
 
-==================  ====================================================================
-t_k / T             where the knot stands in the process
-log sigma_local     mean over the episode's probe images of 0.5 log var_k(x_{t_k}), with
-                    x_{t_k} = sqrt(sigmoid(lambda_k)) x_0 + sqrt(sigmoid(-lambda_k)) eps.
-                    The probe images (drawn from a pool of training images) and eps are
-                    drawn afresh for every episode from ``DKOContext.probe_seed``: with a
-                    fixed probe and noise this feature would be a fixed function of
-                    lambda_k, which the DKO sees anyway, and would carry no information.
-lambda_k / 10       the log-SNR so far
-progress            the trunk's optimizer step / total steps, in [0, 1]
-log L               log of the latest reference loss (the mean of the loss profile)
-log L(lambda_k)/L   the denoiser's loss profile at this knot's noise level, relative to
-                    its mean: where the denoiser is weak now. The profile is the per-grid-
-                    point epsilon-MSE that the reward's reference protocol computes anyway
-                    (interpolated in log-SNR between grid points, at no extra cost).
-==================  ====================================================================
+* **Bins** (:class:`NoiseBins`): the T steps of the *prior* schedule (``dko.prior``: loglinear, edm or
+  laplace, an anchor of :mod:`akod_ray.diffusion.schedules`) cut into J contiguous runs of steps;
+  m_j is run j's share of the steps, i.e. the prior's probability of bin j under uniform t.
+* **The draw**: an image's bin j ~ pi(. | x_0), then its step t uniformly within the bin. With a zero
+  output f = 0 that is uniform t on the prior's table, *exactly the prior arm's training*; any
+  output reweights the prior's bins and keeps its shape within a bin. What the trunk trains on is
+  the policy's own distribution: exploring *is* training, there is no separate action noise that
+  could shift it (version 2's zero-mean logit noise did: BENCHMARKS.md, version 3).
+* **floor**: every bin keeps at least ``dko.floor`` of its prior mass, so every noise level keeps
+  being trained and the exported schedule stays valid (:func:`quantile_schedule`).
+* **The observation** of one image (``OBS_DIM`` numbers):
 
-Progress, loss and profile come from the latest result the workers posted; together with
-the probe seed they form the :class:`DKOContext`, plain data that lives in every Train
-checkpoint next to the DKO's weights, so :func:`learned_schedule` rebuilds exactly the
-schedule a run trained with.
+  ==================  ===================================================================
+  log sigma_local     0.5 log var_k(x_0) averaged over the image: the local variance of the
+                      image's own signal under the k x k Gaussian filter (``dko.kernel_size``)
+  progress            the trunk's optimizer step / total steps, in [0, 1]
+  log M               log of the reward probe's weighted loss (the metric the credit improves)
+  ==================  ===================================================================
+
+  progress and M form the :class:`DKOContext` (fixed within a decision window, plain data that
+  lives in every checkpoint beside the DKO's weights).
+* **The schedule** a run exports (``schedule.json``, diffusers' ``trained_betas``, the checkpoint's
+  ``betas`` for sampling on its own grid): the marginal of pi over a pool of training images, as a
+  distribution over the prior's steps, turned into T log-SNR quantiles (:func:`learned_schedule`).
+
+This module is plain PyTorch: the env, the RLModule, the loop's sampler and the drivers use it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from akod_ray.diffusion.schedules import (anchor_logsnr, betas_from_logsnr,  # noqa: F401 (re-exported)
+from akod_ray.diffusion.schedules import (anchor_betas, anchor_logsnr, betas_from_logsnr,  # noqa: F401 (re-exported)
                                          uniform_logsnr_betas, validate_betas)
 
 # ----------------------------------------------------------------- local variance
@@ -79,176 +79,81 @@ def local_variance(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return local_variance_map(x, kernel_size).mean(dim=(1, 2, 3))
 
 
-# ----------------------------------------------------------------- knot schedule builder
+MIN_LOCAL_VARIANCE = 1e-8  # a flat image: log sigma_local = -9.2 instead of -inf
 
 
-KNOT_SPACINGS = ("uniform", "cosine")
+def log_sigma_local(x0: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The DKO's image feature: 0.5 log sigma_local^2(x_0), float32 [B] (a horizontal flip leaves it unchanged)."""
+    var = local_variance(x0.float(), kernel_size).clamp(min=MIN_LOCAL_VARIANCE)
+    return 0.5 * torch.log(var)
 
 
-def knot_positions(T: int, num_knots: int, spacing: str = "uniform") -> torch.Tensor:
-    """0-based step of each of the K + 1 knots, from 0 to T - 1 (float64): ``uniform`` evenly; ``cosine``
-    at (T - 1) (1 - cos(pi k / K)) / 2, denser at both ends, where concentrated schedules (edm,
-    laplace) bend most: with K = 16 the builder reaches them within a mean |delta log-SNR| of 0.06
-    against 0.26-0.42 with uniform knots (tests/test_dko.py)."""
-    if spacing == "uniform":
-        return torch.linspace(0, T - 1, num_knots + 1, dtype=torch.float64)
-    if spacing == "cosine":
-        k = torch.arange(num_knots + 1, dtype=torch.float64)
-        pos = (T - 1) * (1 - torch.cos(math.pi * k / num_knots)) / 2
-        pos[0], pos[-1] = 0.0, float(T - 1)
-        return pos
-    raise ValueError(f"dko.knot_spacing must be one of {KNOT_SPACINGS}, got {spacing!r}")
+# ----------------------------------------------------------------- bins of the prior's steps
 
 
-class KnotScheduleBuilder:
-    """Builds log-SNR at K + 1 knots from K - 1 actions, causally (knot k+1 depends on actions <= k).
+class NoiseBins:
+    """J contiguous runs of the T steps of the prior schedule: bin j holds steps [edges[j], edges[j + 1]).
 
-    lambda_0 = logsnr_max, lambda_K = logsnr_min. Each segment drops by a fixed share
-    ``min_share * R / K`` of the range R plus a stick-breaking share of the free range
-    ``(1 - min_share) R``: with m segments still to build, action a_k takes the fraction
-    sigmoid(a_k - log(m - 1)) of what is left, the last segment takes the rest. So every
-    segment drops by at least min_share R / K > 0, and a = 0 takes the uniform share 1 / m:
-    all-zero actions give log-SNR linear in t (the reference schedule).
-
-    ``prior_actions`` (K - 1 numbers, default zeros) are added to the actions: the DKO's output
-    is then a correction to a prior schedule (``dko.prior``, :func:`prior_actions`), and a zero
-    output builds the prior's knots.
+    ``mass[j]`` = the run's share of the T steps: the prior's probability of bin j under uniform t.
     """
 
-    def __init__(self, num_knots: int, logsnr_max: float, logsnr_min: float, min_share: float,
-                 prior_actions=None):
-        if not logsnr_max > logsnr_min:
-            raise ValueError("dko.logsnr_max must exceed dko.logsnr_min")
-        self.K = num_knots
-        self.lmax, self.lmin = float(logsnr_max), float(logsnr_min)
-        R = self.lmax - self.lmin
-        self.base_drop = min_share * R / num_knots
-        self.free = (1.0 - min_share) * R
-        self.prior = [0.0] * (num_knots - 1) if prior_actions is None else [float(a) for a in prior_actions]
-        if len(self.prior) != num_knots - 1:
-            raise ValueError(f"need {num_knots - 1} prior actions for {num_knots} knots, got {len(self.prior)}")
-        self.reset()
+    def __init__(self, T: int, J: int):
+        if not 2 <= J <= T:
+            raise ValueError(f"dko.bins must be in [2, diffusion.T={T}], got {J}")
+        self.T, self.J = int(T), int(J)
+        self.edges = (torch.arange(J + 1, dtype=torch.long) * T) // J  # [J + 1], edges[0] = 0, edges[J] = T
+        self.size = self.edges[1:] - self.edges[:-1]
+        self.mass = self.size.double() / T
+        self._device_tables: dict = {}
 
-    @property
-    def num_actions(self) -> int:
-        return self.K - 1
+    def of_step(self, t: torch.Tensor) -> torch.Tensor:
+        """The bin of each 0-based step."""
+        return torch.searchsorted(self.edges.to(t.device), t, right=True) - 1
 
-    def reset(self) -> None:
-        self.knots = [self.lmax]
-        self.free_left = self.free
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._device_tables:
+            self._device_tables[key] = (self.edges[:-1].to(device), self.size.to(device))
+        return self._device_tables[key]
 
-    @property
-    def done(self) -> bool:
-        return len(self.knots) == self.K + 1
+    def draw_steps(self, bins: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A step uniformly within each bin: t = lo_j + floor(u size_j), u ~ U[0, 1) from ``generator``."""
+        lo, size = self._tables(bins.device)
+        u = torch.rand(bins.shape, generator=generator, device=bins.device, dtype=torch.float64)
+        return lo[bins] + torch.minimum((u * size[bins]).long(), size[bins] - 1)
 
-    def step(self, action: float) -> float:
-        """Apply one action; returns the log-SNR at the new knot (the endpoint after the last action)."""
-        if self.done:
-            raise RuntimeError("schedule already complete")
-        a = float(action)
-        if not math.isfinite(a):
-            raise ValueError(f"DKO action must be a finite number, got {action!r}")
-        a += self.prior[len(self.knots) - 1]
-        left = self.K - (len(self.knots) - 1)  # segments still to build, this one included (>= 2)
-        z = a - math.log(left - 1)  # logit of the uniform share 1 / left, shifted by the action
-        fraction = 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
-        use = fraction * self.free_left
-        self.free_left -= use
-        self.knots.append(self.knots[-1] - self.base_drop - use)
-        if len(self.knots) == self.K:  # the last segment takes what is left and lands on lambda_min
-            self.knots.append(self.lmin)
-        return self.knots[-1]
-
-    def knot_logsnr(self) -> torch.Tensor:
-        if not self.done:
-            raise RuntimeError(f"schedule incomplete: {len(self.knots) - 1} of {self.K} segments")
-        return torch.tensor(self.knots, dtype=torch.float64)
+    def step_distribution(self, probs) -> torch.Tensor:
+        """Bin probabilities [J] -> the probability of each step [T] (uniform within a bin), float64."""
+        p = torch.as_tensor(probs, dtype=torch.float64).reshape(-1)
+        if p.numel() != self.J:
+            raise ValueError(f"need {self.J} bin probabilities, got {p.numel()}")
+        return torch.repeat_interleave(p / self.size.double(), self.size)
 
 
-def logsnr_knots(actions, num_knots: int, logsnr_max: float, logsnr_min: float, min_share: float,
-                 prior_actions=None) -> torch.Tensor:
-    """log-SNR at the K + 1 knots for a full action sequence of length K - 1."""
-    actions = [float(a) for a in torch.as_tensor(actions, dtype=torch.float64).flatten()]
-    if len(actions) != num_knots - 1:
-        raise ValueError(f"need {num_knots - 1} DKO actions for {num_knots} knots, got {len(actions)}")
-    b = KnotScheduleBuilder(num_knots, logsnr_max, logsnr_min, min_share, prior_actions)
-    for a in actions:
-        b.step(a)
-    return b.knot_logsnr()
+def bin_probs(correction: torch.Tensor, mass: torch.Tensor, floor: float) -> torch.Tensor:
+    """pi = (1 - floor) softmax(log m + a) + floor m, over the last dim (a zero correction gives m exactly)."""
+    m = mass.to(correction.device, correction.dtype)
+    return (1.0 - floor) * torch.softmax(torch.log(m) + correction, dim=-1) + floor * m
 
 
-def actions_for_knots(knot_logsnr, num_knots: int, logsnr_max: float, logsnr_min: float, min_share: float) -> list[float]:
-    """The K - 1 actions (no prior) whose schedule has exactly these K + 1 knots: the inverse of
-    :class:`KnotScheduleBuilder`. Raises ValueError when a segment drops less than the builder's
-    minimum (``min_share`` R / K): such knots are out of the DKO's reach."""
-    knots = [float(v) for v in torch.as_tensor(knot_logsnr, dtype=torch.float64).flatten()]
-    if len(knots) != num_knots + 1 or knots[0] != logsnr_max or knots[-1] != logsnr_min:
-        raise ValueError(f"need {num_knots + 1} knots from logsnr_max to logsnr_min, got {len(knots)}")
-    b = KnotScheduleBuilder(num_knots, logsnr_max, logsnr_min, min_share)
-    actions = []
-    for k in range(num_knots - 1):
-        use = (knots[k] - knots[k + 1]) - b.base_drop
-        if use <= 0 or use >= b.free_left:
-            raise ValueError(f"knot {k + 1}: the segment drops log-SNR by {knots[k] - knots[k + 1]:.4g}, outside the "
-                             f"builder's reach ({b.base_drop:.4g} + a share of the {b.free_left:.4g} left; lower "
-                             "dko.min_segment_share or use fewer knots)")
-        fraction = use / b.free_left
-        left = num_knots - k
-        actions.append(math.log(fraction / (1.0 - fraction)) + math.log(left - 1))
-        b.step(actions[-1])
-    return actions
-
-
-def prior_actions(prior: str, T: int, num_knots: int, logsnr_max: float, logsnr_min: float, min_share: float,
-                  laplace_scale: float = 1.0, spacing: str = "uniform") -> list[float]:
-    """The actions that build the anchor schedule ``prior`` (loglinear | edm | laplace) at the knots: the
-    anchor's log-SNR at each knot position (interpolated between its steps). With uniform spacing the
-    loglinear prior is all zeros (the builder's a = 0)."""
-    if prior == "loglinear" and spacing == "uniform":
-        return [0.0] * (num_knots - 1)
-    lam = anchor_logsnr(prior, T, logsnr_max, logsnr_min, laplace_scale).numpy()
-    knots = np.interp(knot_positions(T, num_knots, spacing).numpy(), np.arange(T, dtype=np.float64), lam)
-    knots[0], knots[-1] = logsnr_max, logsnr_min
-    return actions_for_knots(knots, num_knots, logsnr_max, logsnr_min, min_share)
-
-
-def logsnr_at_steps(knot_logsnr: torch.Tensor, T: int, spacing: str = "uniform") -> torch.Tensor:
-    """Piecewise-linear interpolation of the knots' log-SNR to all T steps (float64)."""
-    K = knot_logsnr.shape[0] - 1
-    pos = knot_positions(T, K, spacing)
-    t = torch.arange(T, dtype=torch.float64)
-    seg = torch.clamp(torch.searchsorted(pos, t, right=True) - 1, 0, K - 1)
-    w = (t - pos[seg]) / (pos[seg + 1] - pos[seg])
-    return knot_logsnr[seg] * (1 - w) + knot_logsnr[seg + 1] * w
-
-
-def schedule_from_knots(knot_logsnr: torch.Tensor, T: int, spacing: str = "uniform") -> torch.Tensor:
-    """Betas [T] from knot log-SNRs, validated."""
-    return validate_betas(betas_from_logsnr(logsnr_at_steps(knot_logsnr, T, spacing)), T, name="DKO schedule")
-
-
-def schedule_from_actions(actions, T: int, num_knots: int, logsnr_max: float, logsnr_min: float,
-                          min_share: float, spacing: str = "uniform", prior_actions=None) -> torch.Tensor:
-    return schedule_from_knots(logsnr_knots(actions, num_knots, logsnr_max, logsnr_min, min_share, prior_actions), T,
-                               spacing)
+def bin_logits(correction: torch.Tensor, mass: torch.Tensor, floor: float) -> torch.Tensor:
+    """log pi: the logits of the categorical the RLModule hands to RLlib (normalized)."""
+    return torch.log(bin_probs(correction, mass, floor))
 
 
 # ----------------------------------------------------------------- the observation
 
-OBS_DIM = 6
-OBS_BOUND = 30.0  # every feature is far inside (log sigma_local >= -7, log losses >= -18.5)
-INITIAL_REF_LOSS = 1.0  # epsilon-MSE of an untrained denoiser, before the workers posted anything
+OBS_DIM = 3
+OBS_BOUND = 30.0  # every feature is far inside (log sigma_local >= -9.2, log M >= -18.5)
+INITIAL_PROBE_LOSS = 1.0  # the weighted epsilon-MSE of an untrained denoiser (it predicts 0), before any measurement
 
 
 @dataclass
 class DKOContext:
-    """What the DKO's observation depends on besides the knot: plain data (checkpointed as is)."""
+    """What an image's observation holds besides the image: plain data (checkpointed as is)."""
 
     progress: float = 0.0  # trunk step / total steps
-    ref_loss: float = INITIAL_REF_LOSS  # latest reference loss (mean of the profile)
-    loss_profile: list[float] = field(default_factory=list)  # reference loss per grid point ([] before the first)
-    profile_logsnr: list[float] = field(default_factory=list)  # log-SNR of each grid point (decreasing)
-    probe_seed: int = 0  # draws the episode's probe images and noise
+    probe_loss: float = INITIAL_PROBE_LOSS  # the reward probe's weighted loss M, latest measurement
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -256,135 +161,24 @@ class DKOContext:
     @classmethod
     def from_dict(cls, d: dict | None) -> "DKOContext":
         d = dict(d or {})
-        return cls(progress=float(d.get("progress", 0.0)), ref_loss=float(d.get("ref_loss", INITIAL_REF_LOSS)),
-                   loss_profile=[float(v) for v in d.get("loss_profile", [])],
-                   profile_logsnr=[float(v) for v in d.get("profile_logsnr", [])],
-                   probe_seed=int(d.get("probe_seed", 0)))
-
-    def updated(self, result: dict | None, total_steps: int) -> "DKOContext":
-        """This context with the progress, loss and profile of a posted result (missing keys kept)."""
-        out = DKOContext.from_dict(self.to_dict())
-        if not result:
-            return out
-        if "step" in result:
-            out.progress = float(min(max(result["step"] / max(total_steps, 1), 0.0), 1.0))
-        if "ref_loss" in result and math.isfinite(float(result["ref_loss"])):
-            out.ref_loss = float(result["ref_loss"])
-        if result.get("loss_profile"):
-            out.loss_profile = [float(v) for v in result["loss_profile"]]
-            out.profile_logsnr = [float(v) for v in result.get("profile_logsnr", [])]
-        return out
-
-    def relative_loss_at(self, lam: float) -> float:
-        """log(L(lambda) / L): the profile interpolated linearly in log-SNR, clamped at its ends; 0 without one."""
-        if len(self.loss_profile) < 2 or len(self.profile_logsnr) != len(self.loss_profile):
-            return 0.0
-        xs = np.asarray(self.profile_logsnr[::-1], dtype=np.float64)  # increasing for np.interp
-        ys = np.log(np.maximum(np.asarray(self.loss_profile[::-1], dtype=np.float64), 1e-8))
-        return float(np.interp(lam, xs, ys) - math.log(max(self.ref_loss, 1e-8)))
+        return cls(progress=float(d.get("progress", 0.0)), probe_loss=float(d.get("probe_loss", INITIAL_PROBE_LOSS)))
 
 
-class DKOObserver:
-    """Builds the DKO's observations and, with a policy, whole schedules (see the module docstring).
-
-    ``pool``: real training images [N, C, H, W] in [-1, 1]; each episode's probe is
-    ``probe_size`` of them chosen by ``DKOContext.probe_seed``, with noise from the same seed.
-    ``spacing`` places the knots (:func:`knot_positions`); ``prior_actions`` make the DKO's output
-    a correction to a prior schedule (:class:`KnotScheduleBuilder`).
-    """
-
-    def __init__(self, pool: torch.Tensor, probe_size: int, kernel_size: int, T: int, num_knots: int,
-                 logsnr_max: float, logsnr_min: float, min_share: float, spacing: str = "uniform",
-                 prior_actions=None):
-        pool = torch.as_tensor(pool)
-        if pool.ndim != 4 or not torch.is_floating_point(pool):
-            raise ValueError(f"the DKO probe pool must be float images [N, C, H, W], got {pool.dtype} {list(pool.shape)}")
-        if not torch.isfinite(pool).all():
-            raise ValueError("the DKO probe pool contains NaN or inf")
-        if min(pool.shape[-2:]) < kernel_size:
-            raise ValueError(f"dko.kernel_size={kernel_size} exceeds the images' size {list(pool.shape[-2:])}")
-        self.pool = pool.detach().to("cpu", torch.float64)
-        self.probe_size = min(int(probe_size), self.pool.shape[0])
-        self.kernel_size, self.T, self.K = int(kernel_size), int(T), int(num_knots)
-        self.endpoints = (float(logsnr_max), float(logsnr_min), float(min_share))
-        self.spacing = spacing
-        self.prior_actions = None if prior_actions is None else [float(a) for a in prior_actions]
-        self.knot_t = knot_positions(self.T, self.K, spacing) + 1.0  # 1-based diffusion step of each knot
-        self._probe_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
-
-    def builder(self) -> KnotScheduleBuilder:
-        return KnotScheduleBuilder(self.K, *self.endpoints, prior_actions=self.prior_actions)
-
-    def schedule(self, knot_logsnr: torch.Tensor) -> torch.Tensor:
-        """Betas [T] through the knots (this observer's spacing)."""
-        return schedule_from_knots(knot_logsnr, self.T, self.spacing)
-
-    def probe(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The probe images x_0 and noise eps of the episode with ``seed`` (deterministic)."""
-        if self._probe_cache is None or self._probe_cache[0] != seed:
-            g = torch.Generator().manual_seed(int(seed) % 2**63)
-            idx = torch.randperm(self.pool.shape[0], generator=g)[: self.probe_size]
-            x0 = self.pool[idx]
-            eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-            self._probe_cache = (seed, x0, eps)
-        return self._probe_cache[1], self._probe_cache[2]
-
-    def log_sigma_local(self, lam: float, seed: int) -> float:
-        """Mean over the probe of log sigma_local(x_t) at log-SNR ``lam``."""
-        x0, eps = self.probe(seed)
-        a = 1.0 / (1.0 + math.exp(-lam))  # abar = sigmoid(lambda)
-        x_t = math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps
-        var = local_variance(x_t, self.kernel_size).clamp(min=1e-12)
-        return float(0.5 * torch.log(var).mean())
-
-    def observation(self, k: int, lam: float, ctx: DKOContext) -> np.ndarray:
-        """The DKO's input at knot k whose log-SNR is ``lam``, float32 [OBS_DIM]."""
-        obs = [
-            float(self.knot_t[k]) / self.T,
-            self.log_sigma_local(lam, ctx.probe_seed),
-            lam / 10.0,
-            ctx.progress,
-            math.log(max(ctx.ref_loss, 1e-8)),
-            ctx.relative_loss_at(lam),
-        ]
-        return np.clip(np.asarray(obs, dtype=np.float32), -OBS_BOUND, OBS_BOUND)
-
-    def build(self, policy: Callable[[np.ndarray], float], ctx: DKOContext) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """Run ``policy`` (observation -> action) knot by knot: (betas [T], knot log-SNR [K+1], actions)."""
-        b = self.builder()
-        actions = []
-        for k in range(b.num_actions):
-            a = clip_action(policy(self.observation(k, b.knots[k], ctx)))
-            actions.append(a)
-            b.step(a)
-        knots = b.knot_logsnr()
-        return self.schedule(knots), knots, actions
-
-
-ACTION_BOUND = 10.0  # |logit| of the stick-breaking share; sigmoid(10) = 1 - 4.5e-5, finer control is moot
-
-
-def clip_action(action) -> float:
-    """One finite action, clipped to [-ACTION_BOUND, ACTION_BOUND]; anything else is a ValueError."""
-    a = np.asarray(action, dtype=np.float64).reshape(-1)
-    if a.size != 1 or not np.isfinite(a[0]):
-        raise ValueError(f"DKO action must be one finite number, got {action!r}")
-    return float(np.clip(a[0], -ACTION_BOUND, ACTION_BOUND))
+def observations(features: torch.Tensor, ctx: DKOContext) -> torch.Tensor:
+    """float32 [B, OBS_DIM]: (log sigma_local of each image, progress, log M)."""
+    f = features.float().reshape(-1, 1)
+    state = torch.tensor([ctx.progress, math.log(max(ctx.probe_loss, 1e-8))], dtype=torch.float32, device=f.device)
+    return torch.cat([f, state.expand(f.shape[0], 2)], dim=1).clamp(-OBS_BOUND, OBS_BOUND)
 
 
 # ----------------------------------------------------------------- the DKO MLP
 
 
 class DKO(nn.Module):
-    """f(t, sigma_local, training state): the MLP that maps the DKO observation to the next knot's action.
+    """f(sigma_local, training state): the MLP from an image's observation to a correction of the prior's
+    log-probabilities of the J bins. The output layer starts at zero: the initial policy is the prior."""
 
-    Outputs 2 numbers per observation: the mean of the action distribution (the action
-    itself when deterministic) and its log standard deviation, the layout of RLlib's
-    diagonal Gaussian over a 1-D action. The mean head starts at zero, so the initial
-    deterministic schedule is uniform in log-SNR (the ``loglinear`` arm).
-    """
-
-    def __init__(self, hidden: tuple[int, ...] = (64, 64), obs_dim: int = OBS_DIM):
+    def __init__(self, bins: int, hidden: tuple[int, ...] = (64, 64), obs_dim: int = OBS_DIM):
         super().__init__()
         layers: list[nn.Module] = []
         d = obs_dim
@@ -392,28 +186,102 @@ class DKO(nn.Module):
             layers += [nn.Linear(d, h), nn.Tanh()]
             d = h
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(d, 2)
-        nn.init.zeros_(self.head.weight)  # start from the uniform-share schedule, a calm exploration
+        self.head = nn.Linear(d, bins)
+        nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        with torch.no_grad():
-            self.head.bias[1] = -0.5
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(obs))
 
-    @torch.no_grad()
-    def deterministic_action(self, obs: np.ndarray) -> float:
-        return float(self(torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(1, -1))[0, 0])
+
+def dko_from_state(weights: dict | None, bins: int, hidden: tuple[int, ...]) -> DKO:
+    """A DKO (eval mode) with stored weights (plain tensors), or the initial one (the prior) for None."""
+    net = DKO(bins, hidden)
+    if weights:
+        net.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in weights.items()})
+    return net.eval()
 
 
-def learned_schedule(dko_state: dict, observer: DKOObserver, hidden: tuple[int, ...]) -> torch.Tensor:
-    """The schedule of a stored DKO: ``dko_state`` = {"weights": DKO state_dict, "context": DKOContext dict}.
+class DKOPolicy:
+    """pi(. | x_0) of one DKO state: what the trunk samples from and what RLlib's categorical holds.
 
-    The deterministic policy run knot by knot at the stored context; what the trunk trained
-    with and what ``schedule.json`` holds.
+    ``state``: {"weights": DKO state_dict, "context": DKOContext dict} or None (the initial DKO: the prior).
     """
-    net = DKO(hidden)
-    net.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in dko_state["weights"].items()})
-    net.eval()
-    betas, _, _ = observer.build(net.deterministic_action, DKOContext.from_dict(dko_state["context"]))
-    return betas
+
+    def __init__(self, state: dict | None, bins: NoiseBins, floor: float, hidden: tuple[int, ...], kernel_size: int):
+        state = state or {}
+        self.net = dko_from_state(state.get("weights"), bins.J, hidden)
+        self.context = DKOContext.from_dict(state.get("context"))
+        self.bins, self.floor, self.kernel_size = bins, float(floor), int(kernel_size)
+
+    @torch.no_grad()
+    def probs(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, J] bin probabilities of images with these log sigma_local features (float32, on their device)."""
+        obs = observations(features.cpu(), self.context)
+        return bin_probs(self.net(obs), self.bins.mass.float(), self.floor).to(features.device)
+
+    @torch.no_grad()
+    def probs_of_images(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.probs(log_sigma_local(x0, self.kernel_size))
+
+
+# ----------------------------------------------------------------- distributions and the exported schedule
+
+
+def quantile_schedule(step_probs, prior_logsnr) -> torch.Tensor:
+    """The schedule whose uniform t trains on ``step_probs`` (a distribution over the prior's T steps):
+    log-SNR at step s is the prior's log-SNR at the quantile s / (T - 1) of that distribution (the CDF
+    piecewise linear in the prior's step index), so the endpoints stay the prior's. Valid betas [T].
+
+    Strictly decreasing as long as every step has positive probability (the policy's floor)."""
+    p = torch.as_tensor(step_probs, dtype=torch.float64).reshape(-1)
+    lam = torch.as_tensor(prior_logsnr, dtype=torch.float64).reshape(-1)
+    T = lam.numel()
+    if p.numel() != T or not torch.isfinite(p).all() or (p <= 0).any():
+        raise ValueError(f"need {T} positive step probabilities, got {p.numel()} (min {float(p.min()):.3g})")
+    # the CDF at the step boundaries: step t occupies [t, t + 1) of a continuous index u in [0, T]
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(p / p.sum(), 0)])
+    q = torch.linspace(0.0, 1.0, T, dtype=torch.float64)
+    u = torch.from_numpy(np.interp(q.numpy(), cdf.numpy(), np.arange(T + 1, dtype=np.float64)))
+    # u in [0, T] -> the prior's step index in [0, T - 1], log-SNR interpolated between its steps
+    x = u * (T - 1) / T
+    out = torch.from_numpy(np.interp(x.numpy(), np.arange(T, dtype=np.float64), lam.numpy()))
+    return validate_betas(betas_from_logsnr(out), T, name="DKO schedule")
+
+
+def floor_problem(prior_logsnr, bins: NoiseBins, floor: float) -> str | None:
+    """Why a policy at this floor could export an invalid schedule, or None. The worst case for bin j is j at its
+    floor with every other bin scaled up: the export then stretches bin j's steps the most (the last bin of a
+    concentrated prior holds the steepest steps, so a schedule that keeps it at floor m_J crosses beta = 0.999
+    when floor < ~1 / 6 for laplace(0.75))."""
+    for j in range(bins.J):
+        probs = bins.mass.clone() * (1 - floor * bins.mass[j]) / (1 - bins.mass[j])
+        probs[j] = floor * bins.mass[j]
+        try:
+            quantile_schedule(bins.step_distribution(probs), prior_logsnr)
+        except ValueError as e:
+            return f"with bin {j} of {bins.J} at its floor the exported schedule is invalid ({e})"
+    return None
+
+
+def w1_logsnr(p_steps, q_steps, prior_logsnr) -> float:
+    """Wasserstein-1 distance, in log-SNR, between two distributions over the prior's T steps (each step
+    a point mass at its log-SNR): the integral of |F_p - F_q| over log-SNR."""
+    p = torch.as_tensor(p_steps, dtype=torch.float64).reshape(-1)
+    q = torch.as_tensor(q_steps, dtype=torch.float64).reshape(-1)
+    lam = torch.as_tensor(prior_logsnr, dtype=torch.float64).reshape(-1)
+    gap = torch.cumsum(p / p.sum() - q / q.sum(), 0)[:-1].abs()
+    return float((gap * (lam[:-1] - lam[1:]).abs()).sum())
+
+
+def marginal_probs(state: dict | None, features: torch.Tensor, bins: NoiseBins, floor: float,
+                   hidden: tuple[int, ...], kernel_size: int) -> torch.Tensor:
+    """The DKO's bin probabilities averaged over images with these features (float64 [J])."""
+    return DKOPolicy(state, bins, floor, hidden, kernel_size).probs(features).double().mean(0)
+
+
+def learned_schedule(state: dict | None, features: torch.Tensor, bins: NoiseBins, floor: float,
+                     hidden: tuple[int, ...], kernel_size: int, prior_logsnr) -> torch.Tensor:
+    """The schedule of a stored DKO: the quantiles of its marginal over a pool of images (betas [T])."""
+    probs = marginal_probs(state, features, bins, floor, hidden, kernel_size)
+    return quantile_schedule(bins.step_distribution(probs), prior_logsnr)

@@ -1,4 +1,7 @@
-"""Samplers for any valid schedule, on any sampling grid, reproducible from an explicit torch.Generator.
+"""The reference samplers (DDPM, DDIM) and the :class:`Denoiser` every sampler evaluates the network through,
+for any valid schedule, on any sampling grid, reproducible from an explicit torch.Generator. The other samplers
+(``solvers.py``: diffusers' schedulers, ``adaptive.py``) build on this module; :mod:`akod_ray.diffusion.dispatch`
+chooses between all of them.
 
 Two schedules meet in a sampler (DESIGN 1.1):
     process         the schedule the network trained with: it defines the network's
@@ -34,7 +37,7 @@ from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.diffusion.schedules import uniform_logsnr_betas
 
 GRIDS = ("common", "own")
-STEP_SAMPLERS = ("ddpm", "ddim")  # written here, the reference; the others: solvers.py (diffusers, adaptive)
+STEP_SAMPLERS = ("ddpm", "ddim")  # written here, the reference; the others: solvers.py (diffusers), adaptive.py
 
 
 def sampling_grid(kind: str, process: DiffusionProcess, logsnr_max: float, logsnr_min: float) -> DiffusionProcess:
@@ -206,39 +209,3 @@ def ddim_sample(
         if sigma > 0 and t_prev is not None:
             x = x + sigma * torch.randn(shape, generator=generator, device=device)
     return x
-
-
-def network_evaluations(sampler: str, steps: int, T: int) -> int:
-    """Network evaluations per image of ``sampler`` with ``steps``: DDPM always takes T."""
-    if sampler == "ddpm":
-        return T
-    if sampler == "ddim":
-        return steps
-    from akod_ray.diffusion.solvers import solver_evaluations
-
-    return solver_evaluations(sampler, steps)
-
-
-def sample(model, process: DiffusionProcess, n: int, generator: torch.Generator, sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, device="cpu", image_size: int = 32, bf16: bool = False,
-           batch_size: int = 256, grid: DiffusionProcess | None = None, clip_x0: bool = True,
-           kernel_size: int = 7) -> torch.Tensor:
-    """n images in [-1, 1] from ``sampler`` on ``grid`` (default: the training schedule), in batches,
-    from one generator. ``ddpm`` takes all T steps; ``steps`` is the network-evaluation budget of the others;
-    ``kernel_size`` is sigma_local's filter for ``adaptive`` (``dko.kernel_size``)."""
-    out = []
-    for start in range(0, n, batch_size):
-        shape = (min(batch_size, n - start), 3, image_size, image_size)
-        if sampler == "ddpm":
-            out.append(ddpm_sample(model, process, shape, generator, device, bf16, grid, clip_x0))
-        elif sampler == "ddim":
-            out.append(ddim_sample(model, process, shape, generator, steps, eta, device, bf16, grid=grid,
-                                   clip_x0=clip_x0))
-        else:
-            from akod_ray.diffusion.solvers import SOLVERS, solver_sample
-
-            if sampler not in SOLVERS:
-                raise ValueError(f"eval.sampler must be one of {STEP_SAMPLERS + tuple(SOLVERS)}, got {sampler!r}")
-            out.append(solver_sample(sampler, model, process, shape, generator, steps, device, bf16, grid, clip_x0,
-                                     kernel_size=kernel_size))
-    return torch.cat(out).clamp(-1, 1)

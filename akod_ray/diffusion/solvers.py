@@ -1,5 +1,6 @@
-"""Few-step samplers from diffusers' schedulers (DPM-Solver++ 2M, UniPC, Euler, Heun) and the adaptive sampler,
-on any valid schedule of the project and any sampling grid (DESIGN 1.1).
+"""Few-step samplers from diffusers' schedulers (DPM-Solver++ 2M, UniPC, Euler, Heun), and any other diffusers
+scheduler a user hands over, on any valid schedule of the project and any sampling grid (DESIGN 1.1). The
+dispatcher that chooses between these and the other samplers is :mod:`akod_ray.diffusion.dispatch`.
 
 Only diffusers' *schedulers* are used (no pipelines, nothing downloaded): each is built from the grid's
 betas (``trained_betas``, ``num_train_timesteps`` = T, ``prediction_type="epsilon"``), with diffusers'
@@ -50,6 +51,8 @@ compute in float64 and take it).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -62,11 +65,10 @@ from akod_ray.diffusion.samplers import Denoiser, sampler_steps_problem
 
 @dataclass(frozen=True)
 class Solver:
-    """A sampler of this module: a diffusers scheduler class and its options, or one written here."""
+    """A sampler of this module: a diffusers scheduler class and its options."""
 
-    scheduler: str | None  # diffusers class name; None: written in this project (adaptive.py)
+    scheduler: str  # diffusers class name
     options: dict = field(default_factory=dict)
-    ve_scaled: bool = False  # the scheduler holds x_t^VE (Euler, Heun) instead of x_t
     explicit_timesteps: bool = False  # pass solver_timesteps() to set_timesteps (see the module docstring)
 
 
@@ -79,11 +81,9 @@ SOLVERS: dict[str, Solver] = {
     "unipc": Solver("UniPCMultistepScheduler", {**_OFF, "solver_order": 2, "final_sigmas_type": "zero",
                                                 "timestep_spacing": "linspace"}),
     # Euler (Karras et al. 2022, Algorithm 2 with gamma = 0): the probability-flow ODE in sigma
-    "euler": Solver("EulerDiscreteScheduler", {"final_sigmas_type": "zero"}, ve_scaled=True, explicit_timesteps=True),
+    "euler": Solver("EulerDiscreteScheduler", {"final_sigmas_type": "zero"}, explicit_timesteps=True),
     # Heun (Karras et al. 2022, Algorithm 1): 2 evaluations a step, the last step (to sigma = 0) Euler
-    "heun": Solver("HeunDiscreteScheduler", {"clip_sample": False}, ve_scaled=True, explicit_timesteps=True),
-    # per-image step sizes from sigma_local (akod_ray/diffusion/adaptive.py)
-    "adaptive": Solver(None),
+    "heun": Solver("HeunDiscreteScheduler", {"clip_sample": False}, explicit_timesteps=True),
 }
 
 
@@ -113,25 +113,48 @@ def build_scheduler(name: str, grid: DiffusionProcess, steps: int):
     Raises ValueError (one line naming the sampler) for a budget it cannot spend on T steps, or a schedule
     diffusers cannot hold in float32.
     """
-    import diffusers  # 4 s to import: only when a diffusers sampler runs
-
-    spec = SOLVERS[name]
     problem = sampler_steps_problem(name, steps, grid.T)
     if problem is not None:
         raise ValueError(f"{name}: eval.sampler_steps {problem}, got {steps}")
     _check_float32(name, grid)
-    n = scheduler_steps(name, steps)
+    sched = make_scheduler(name, grid.betas)
+    set_scheduler_steps(sched, grid.T, scheduler_steps(name, steps))
+    return sched
+
+
+def make_scheduler(name: str, betas: torch.Tensor):
+    """The diffusers scheduler of sampler ``name`` (:data:`SOLVERS`) on ``betas`` (``trained_betas``, kept in
+    its config as float64: saved with ``save_pretrained``, it loads back the same schedule), timesteps not set."""
+    import diffusers  # 4 s to import: only when a diffusers sampler runs
+
+    spec = SOLVERS[name]
+    with _quiet_numpy_copy():
+        return getattr(diffusers, spec.scheduler)(num_train_timesteps=int(betas.shape[0]),
+                                                  trained_betas=betas.double().tolist(), prediction_type="epsilon",
+                                                  **spec.options)
+
+
+@contextlib.contextmanager
+def _quiet_numpy_copy():
+    """diffusers 0.42 calls np.array on a torch tensor; numpy 2 warns about the copy keyword, harmlessly."""
     with warnings.catch_warnings():
-        # diffusers 0.42 calls np.array on a torch tensor; numpy 2 warns about the copy keyword, harmlessly
         warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
                                 category=DeprecationWarning)
-        sched = getattr(diffusers, spec.scheduler)(num_train_timesteps=grid.T, trained_betas=grid.betas.numpy(),
-                                                   prediction_type="epsilon", **spec.options)
-        if spec.explicit_timesteps:
-            sched.set_timesteps(timesteps=solver_timesteps(grid.T, n))
+        yield
+
+
+def set_scheduler_steps(sched, T: int, n: int) -> None:
+    """``sched.set_timesteps`` for N scheduler steps on a grid of T steps, by this module's rule (the module
+    docstring): Euler and Heun at their default spacing get :func:`solver_timesteps` explicitly, every
+    other scheduler (and Euler or Heun configured otherwise: Karras sigmas, trailing spacing) its own."""
+    cfg = sched.config
+    own_sigmas = any(cfg.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
+    explicit = any(spec.explicit_timesteps and spec.scheduler == type(sched).__name__ for spec in SOLVERS.values())
+    with _quiet_numpy_copy():
+        if explicit and cfg.get("timestep_spacing", "linspace") == "linspace" and not own_sigmas:
+            sched.set_timesteps(timesteps=solver_timesteps(T, n))
         else:
             sched.set_timesteps(n)
-    return sched
 
 
 def _check_float32(name: str, grid: DiffusionProcess) -> None:
@@ -152,42 +175,86 @@ def _check_float32(name: str, grid: DiffusionProcess) -> None:
                      f"sample it with ddpm or ddim (float64)")
 
 
-def run_scheduler(sched, den: Denoiser, x_T: torch.Tensor, ve_scaled: bool) -> torch.Tensor:
+def holds_ve_sample(sched) -> bool:
+    """Does ``sched`` hold x_t^VE = x_t sqrt(1 + sigma_t^2) (Euler, Heun and the other Karras-style schedulers)
+    rather than the VP x_t? Those are the schedulers whose ``init_noise_sigma`` is not 1 (diffusers' pipelines
+    scale the starting noise by it)."""
+    return float(sched.init_noise_sigma) != 1.0
+
+
+def scheduler_grid(sched, process: DiffusionProcess | None = None) -> DiffusionProcess:
+    """The grid a diffusers scheduler steps on, in float64: its ``trained_betas`` as configured (a scheduler
+    loaded from a file keeps them exactly), else its own float32 betas. ``process`` itself when the betas are
+    the same, so that a network samples its training schedule through its own conditioning rows."""
+    betas = sched.config.get("trained_betas")
+    betas = torch.as_tensor(betas if betas is not None else sched.betas, dtype=torch.float64).reshape(-1)
+    if isinstance(process, DiffusionProcess) and process.T == betas.shape[0] and torch.equal(process.betas, betas):
+        return process
+    return DiffusionProcess(betas)
+
+
+def _on_grid(sigma: float, grid: DiffusionProcess, t: int) -> bool:
+    """Is the scheduler's sigma at timestep t the grid's own sigma_t (up to diffusers' float32)? Not so for
+    schedulers that space their own sigmas (Karras, exponential) and round the timesteps they report."""
+    if not 0 <= t < grid.T:
+        return False
+    lam = grid.log_snr[t].item()
+    return abs(-2.0 * math.log(sigma) - lam) <= 1e-4 * max(1.0, abs(lam))
+
+
+def run_scheduler(sched, den: Denoiser, x_T: torch.Tensor, ve_scaled: bool | None = None,
+                  generator: torch.Generator | None = None, eta: float = 0.0) -> torch.Tensor:
     """Integrate from x_T with a scheduler whose timesteps are set; one network evaluation per timestep.
 
     Step i: (1) the VP x_t the network expects (``scale_model_input``); (2) eps at the grid step, or at
-    lambda = -2 ln sigma_i for a fractional timestep (the clip rule applied); (3) the scheduler's update.
+    lambda = -2 ln sigma_i where the scheduler's sigma is not a grid step's (a fractional timestep, its own
+    sigma spacing), the clip rule applied; (3) the scheduler's update. ``ve_scaled`` None:
+    :func:`holds_ve_sample`. A stochastic scheduler (DDPM, ancestral samplers, DDIM with ``eta`` > 0) draws
+    its noise from ``generator`` (the project's four solvers draw none).
     """
-    sigmas = sched.sigmas.double()
+    if ve_scaled is None:
+        ve_scaled = holds_ve_sample(sched)
+    accepts = inspect.signature(sched.step).parameters
+    extra = {}
+    if generator is not None and "generator" in accepts:
+        extra["generator"] = generator
+    if eta and "eta" in accepts:
+        extra["eta"] = eta
+    sigmas = sched.sigmas.double() if getattr(sched, "sigmas", None) is not None else None
     x = x_T * math.sqrt(1.0 + sigmas[0].item() ** 2) if ve_scaled else x_T
     for i, t in enumerate(sched.timesteps):
         x_t = sched.scale_model_input(x, t)
         step = float(t)
-        if step.is_integer():
+        if step.is_integer() and (sigmas is None or _on_grid(sigmas[i].item(), den.grid, int(step))):
             eps, _ = den.at_step(x_t, int(step))
         else:
             eps, _ = den.at_logsnr(x_t, -2.0 * math.log(sigmas[i].item()))
-        x = sched.step(eps, t, x).prev_sample
+        x = sched.step(eps, t, x, **extra).prev_sample
     return x
 
 
 @torch.no_grad()
 def solver_sample(name: str, model, process: DiffusionProcess, shape: tuple[int, ...], generator: torch.Generator,
                   steps: int, device: torch.device | str = "cpu", bf16: bool = False,
-                  grid: DiffusionProcess | None = None, clip_x0: bool = True, kernel_size: int = 7) -> torch.Tensor:
-    """Images [shape] from sampler ``name`` with a budget of ``steps`` network evaluations per image on
-    ``grid`` (default: the training schedule); ``kernel_size`` is sigma_local's filter (adaptive only)."""
+                  grid: DiffusionProcess | None = None, clip_x0: bool = True) -> torch.Tensor:
+    """Images [shape] from the diffusers sampler ``name`` with a budget of ``steps`` network evaluations per
+    image on ``grid`` (default: the training schedule)."""
     if name not in SOLVERS:
         raise ValueError(f"eval.sampler must be one of {tuple(SOLVERS)}, got {name!r}")
     den = Denoiser(model, process, grid, clip_x0, bf16)
-    if name == "adaptive":
-        from akod_ray.diffusion.adaptive import adaptive_sample
-
-        problem = sampler_steps_problem(name, steps, den.grid.T)
-        if problem is not None:
-            raise ValueError(f"{name}: eval.sampler_steps {problem}, got {steps}")
-        x_T = torch.randn(shape, generator=generator, device=device)
-        return adaptive_sample(den, x_T, steps, kernel_size)
     sched = build_scheduler(name, den.grid, steps)  # refuses before any noise is drawn
     x_T = torch.randn(shape, generator=generator, device=device)  # the same x_T as ddim_sample's
-    return run_scheduler(sched, den, x_T, SOLVERS[name].ve_scaled)
+    return run_scheduler(sched, den, x_T)
+
+
+@torch.no_grad()
+def scheduler_sample(sched, model, process: DiffusionProcess, shape: tuple[int, ...], generator: torch.Generator,
+                     steps: int, device: torch.device | str = "cpu", bf16: bool = False,
+                     grid: DiffusionProcess | None = None, clip_x0: bool = True, eta: float = 0.0) -> torch.Tensor:
+    """Images [shape] from any diffusers scheduler ``sched`` (a user's, e.g. through ``AKODPipeline``) with
+    ``steps`` of its own steps (diffusers' ``num_inference_steps``), on its grid (:func:`scheduler_grid`
+    unless ``grid`` is given); the network is conditioned by ``process``, its training schedule."""
+    den = Denoiser(model, process, scheduler_grid(sched, process) if grid is None else grid, clip_x0, bf16)
+    set_scheduler_steps(sched, den.grid.T, steps)  # also resets a multistep scheduler's history
+    x_T = torch.randn(shape, generator=generator, device=device)
+    return run_scheduler(sched, den, x_T, generator=generator, eta=eta)

@@ -22,7 +22,6 @@ and statistics of different feature spaces refuse to be compared.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import warnings
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from akod_ray.errors import AkodError, DataError
+from akod_ray.progress import progress
 
 FEATURES = ("inception", "c10")
 IMPLEMENTATIONS = {
@@ -232,12 +232,15 @@ def _cached_inception(path: str, device: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def inception_activations(images: torch.Tensor, model: torch.nn.Module, batch_size: int = 100,
-                          device: str | torch.device = "cpu") -> np.ndarray:
-    """[N, 2048] pool3 activations of uint8 or [-1, 1] images of any size (resized to 299 by InceptionV3)."""
+                          device: str | torch.device = "cpu", progress_desc: str | None = None) -> np.ndarray:
+    """[N, 2048] pool3 activations of uint8 or [-1, 1] images of any size (resized to 299 by InceptionV3);
+    ``progress_desc``: show progress under that name."""
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = to_unit_range(images[i:i + batch_size]).to(device)
-        out.append(model(x)[0].squeeze(3).squeeze(2).double().cpu().numpy())
+    with progress(progress_desc, images.shape[0]) as bar:
+        for i in range(0, images.shape[0], batch_size):
+            x = to_unit_range(images[i:i + batch_size]).to(device)
+            out.append(model(x)[0].squeeze(3).squeeze(2).double().cpu().numpy())
+            bar.update(x.shape[0])
     return np.concatenate(out)
 
 
@@ -253,14 +256,17 @@ def _cached_feature_net(path: str | None, device: str):
 
 @torch.no_grad()
 def c10_activations(images: torch.Tensor, net: torch.nn.Module | None = None, batch_size: int = 500,
-                    device: str | torch.device = "cpu", weights: str | Path | None = None) -> np.ndarray:
+                    device: str | torch.device = "cpu", weights: str | Path | None = None,
+                    progress_desc: str | None = None) -> np.ndarray:
     """[N, D] penultimate classifier features of uint8 or [-1, 1] 32x32 images (float32 inference)."""
     if net is None:
         net = _cached_feature_net(str(weights) if weights is not None else None, str(device))
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = to_unit_range(images[i:i + batch_size]).to(device) * 2.0 - 1.0
-        out.append(net.features(x.contiguous(memory_format=torch.channels_last)).double().cpu().numpy())
+    with progress(progress_desc, images.shape[0]) as bar:
+        for i in range(0, images.shape[0], batch_size):
+            x = to_unit_range(images[i:i + batch_size]).to(device) * 2.0 - 1.0
+            out.append(net.features(x.contiguous(memory_format=torch.channels_last)).double().cpu().numpy())
+            bar.update(x.shape[0])
     return np.concatenate(out)
 
 
@@ -285,7 +291,8 @@ def c10_implementation(net: torch.nn.Module | None = None, weights: str | Path |
 
 
 def activations(images: torch.Tensor, feature: str = "inception", weights: str | Path | None = None,
-                batch_size: int | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, str]:
+                batch_size: int | None = None, device: str | torch.device = "cpu",
+                progress_desc: str | None = None) -> tuple[np.ndarray, str]:
     """Activations of ``images`` in ``feature`` space and the implementation string.
 
     ``weights`` is the Inception weights file for ``inception``, the classifier file for ``c10``
@@ -293,18 +300,20 @@ def activations(images: torch.Tensor, feature: str = "inception", weights: str |
     """
     if feature == "inception":
         model = _cached_inception(str(inception_weights_path(weights)), str(device))
-        return inception_activations(images, model, batch_size or 100, device), IMPLEMENTATIONS["inception"]
+        acts = inception_activations(images, model, batch_size or 100, device, progress_desc)
+        return acts, IMPLEMENTATIONS["inception"]
     if feature == "c10":
-        acts = c10_activations(images, batch_size=batch_size or 500, device=device, weights=weights)
+        acts = c10_activations(images, batch_size=batch_size or 500, device=device, weights=weights,
+                               progress_desc=progress_desc)
         return acts, c10_implementation(weights=weights)
     raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
 
 
 def image_stats(images: torch.Tensor, feature: str = "inception", source: str = "",
                 weights: str | Path | None = None, batch_size: int | None = None,
-                device: str | torch.device = "cpu") -> FeatureStats:
+                device: str | torch.device = "cpu", progress_desc: str | None = None) -> FeatureStats:
     """Statistics of ``images`` (uint8 or [-1, 1]) in ``feature`` space."""
-    acts, impl = activations(images, feature, weights, batch_size, device)
+    acts, impl = activations(images, feature, weights, batch_size, device, progress_desc)
     return statistics(acts, source, impl)
 
 
@@ -323,7 +332,8 @@ def compute_reference_stats(data_dir: str | Path, out_npz: str | Path, feature: 
     images = load_images(data_dir, split, count=count, seed=seed)
     subset = "all" if count is None else f"seeded subset of {count}, seed {seed}"
     source = f"{(data_dir / f'{split}.parquet').resolve()} ({subset}, N={images.shape[0]})"
-    stats = image_stats(images, feature, source, weights, batch_size, device)
+    stats = image_stats(images, feature, source, weights, batch_size, device,
+                        progress_desc=f"{METRIC_NAMES[feature]} reference features")
     stats.save(out_npz)
     return stats
 
@@ -362,28 +372,29 @@ def score(images: torch.Tensor, ref: FeatureStats, weights: str | Path | None = 
 
 
 def fid_c10(images: torch.Tensor, ref_stats: FeatureStats, net: torch.nn.Module | None = None,
-            batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+            batch_size: int = 500, device: str | torch.device = "cpu", progress_desc: str | None = None) -> float:
     """The offline FID: the Frechet distance in the classifier's feature space (not comparable with FID)."""
     if ref_stats.feature != "c10":
         raise AkodError(f"fid_c10 needs fid_c10 reference statistics, got {ref_stats.implementation!r}")
-    acts = c10_activations(images, net, batch_size, device)
+    acts = c10_activations(images, net, batch_size, device, progress_desc=progress_desc)
     return frechet_distance(statistics(acts, "samples", c10_implementation(net)), ref_stats)
 
 
 def fid_from_checkpoint(checkpoint: str | Path, ref_stats: str | Path, n: int = 10_000, seed: int = 0,
                         sampler: str | None = None, steps: int | None = None, eta: float | None = None,
-                        weights: str | Path | None = None, batch_size: int = 256,
-                        device: str | torch.device = "cpu", grid: str | None = None) -> FIDResult:
+                        weights: str | Path | None = None, device: str | torch.device = "cpu",
+                        grid: str | None = None) -> FIDResult:
     """Sample ``n`` images from a checkpoint's EMA model (sampler, steps, eta and sampling grid default
-    to its eval config) and score them against the reference statistics file (FID or fid_c10, by the file)."""
-    from akod_ray.evaluation.sampling import check_sampling, sample_as_configured
+    to its eval config) and score them against the reference statistics file (FID or fid_c10, by the file).
+    The samples are those of an in-run evaluation with the same seed (:func:`akod_ray.evaluation.fid_run.sample_fid`)."""
+    from akod_ray.evaluation.fid_run import SingleProcess, sample_fid
+    from akod_ray.evaluation.sampling import check_sampling
     from akod_ray.training.checkpoint import load_for_sampling
 
     ref = load_reference_stats(ref_stats)
     check_reference(ref, ref_stats, weights)
     model, process, cfg = load_for_sampling(checkpoint, device)
-    record = check_sampling(cfg, process, sampler=sampler, steps=steps, grid=grid)
-    g = torch.Generator(device=device).manual_seed(seed)
-    images = sample_as_configured(cfg, model, process, n, g, device, sampler=sampler, steps=steps, eta=eta, grid=grid,
-                                  batch_size=batch_size)
-    return dataclasses.replace(score(images.cpu(), ref, weights, device=device), sampling=record)
+    check_sampling(cfg, process, sampler=sampler, steps=steps, grid=grid)
+    results = sample_fid(cfg, model, process, n, seed, SingleProcess(device), {ref.feature: ref}, weights=weights,
+                         progress_desc="fid samples", sampler=sampler, steps=steps, eta=eta, grid=grid)
+    return results[ref.feature]

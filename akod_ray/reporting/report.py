@@ -25,6 +25,7 @@ import torch
 from akod_ray.diffusion.schedules import MAX_SCHEDULE_BYTES, load_schedule
 from akod_ray.errors import DataError
 from akod_ray.evaluation.metrics import last_value, read_metrics, series, time_to_target
+from akod_ray.progress import progress
 from akod_ray.reporting.plots import plot_metric_vs_time, plot_schedules
 
 MISSING = "—"
@@ -74,8 +75,11 @@ def arm_name(config: dict) -> str:
         details.append(f"k={(config.get('dko') or {}).get('kernel_size', '?')}")
     if gamma is not None:
         details.append(f"Min-SNR-{gamma:g}" if _number(gamma) is not None else f"Min-SNR-{gamma}")
-    spec = (schedule, gamma is not None, msfi)
-    arm = next((a for a, s in ARM_SPECS.items() if s == spec), None) if msfi == modulation else None
+    adaptation = str(diffusion.get("adaptation") or "none")
+    frozen = bool((config.get("rl") or {}).get("frozen", False))
+    spec = (schedule, gamma is not None, msfi, adaptation, frozen)
+    arm = next((a for a, s in ARM_SPECS.items() if (s.schedule, s.min_snr, s.akod_unet, s.adaptation, s.frozen) == spec),
+               None) if msfi == modulation else None
     if arm is not None:
         return arm + (f" ({', '.join(details)})" if details else "")
     name = schedule + (f" ({details[0]})" if schedule == "akod" else "") + (f" + {details[-1]}" if gamma is not None else "")
@@ -252,7 +256,11 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
     run_dirs = find_runs(root)
     if not run_dirs:
         raise DataError(f"report: no runs under {str(root)!r} (a run folder holds config.yaml and metrics.jsonl)")
-    runs = [load_run(d, root) for d in run_dirs]
+    runs = []
+    with progress("report: reading runs", len(run_dirs), "runs") as bar:
+        for d in run_dirs:
+            runs.append(load_run(d, root))
+            bar.update(1)
 
     out = Path(out) if out is not None else root
     md_path = out if out.suffix == ".md" else out / REPORT_NAME
@@ -324,6 +332,10 @@ def _report_lines(root: Path, runs: list[Run], md_path: Path, files: Path, stagi
         f"- time-to-target, {qname} <= {fmt(t_quality.value, SPECS[quality])} ({t_quality.how})",
         "",
     ]
+    asked = any((r.config.get("eval") or {}).get("fid", "c10") != "c10" for r in runs)
+    if asked and not with_fid:
+        lines += ["Inception FID: no run recorded it (the pytorch-fid weights were not found where the runs ran: "
+                  "AKOD_INCEPTION_WEIGHTS, or torch's hub cache); fid_c10 only.", ""]
 
     # Summary over arms.
     lines += ["## Summary (mean over each arm's runs)", ""]

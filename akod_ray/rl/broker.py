@@ -1,8 +1,11 @@
 """ScheduleBroker: the one actor between the PPO env and the Ray Train workers (DESIGN 2).
 
-One broker per run (per Tune trial), a named async actor. The env submits a proposed
-schedule and waits for its reward; rank 0 of the Train workers takes the next schedule,
-the workers train a segment of K steps with it, and rank 0 posts the result.
+One broker per run (per Tune trial), a named async actor. The env submits a window's decisions
+(the DKO's bins for the window's decision images) and waits for their rewards; rank 0 of the Train
+workers takes the next request, the workers train the window with it, and rank 0 posts the result.
+Rank 0 also posts the trunk's *state* (the next window's decision slots and context) before its first
+request (``post_state``); every result carries the next state too, and the env reads the latest
+(``wait_state``) when an episode starts.
 
 A request moves through three states::
 
@@ -23,12 +26,12 @@ broker records every worker contact (next_request, post_result, heartbeat), so t
 tells "workers gone" (silent for the whole timeout) apart from "slow" (still heartbeating).
 
 Replay. A restarted group resumes from the latest checkpoint Ray Train registered, which
-can be a segment or more behind the step the killed group reached: segments it trained and
+can be a window or more behind the step the killed group reached: windows it trained and
 answered after that checkpoint are gone from the weights, but their rewards already reached
-PPO. The broker keeps every answered trunk segment (:class:`TrunkLog`); the new rank 0 asks
+PPO. The broker keeps every answered window (:class:`TrunkLog`); the new rank 0 asks
 ``replay_from(step)`` for those that end after its checkpoint and trains them again with
-their own schedules, without posting, before it takes the requests in flight. The trunk then
-stands where the killed group left it, and the next segment starts where the previous
+their own requests, without posting, before it takes the requests in flight. The trunk then
+stands where the killed group left it, and the next window starts where the previous
 answered one ended.
 
 Closing. ``close()`` wakes every waiter; afterwards every wait fails fast with
@@ -56,7 +59,7 @@ from akod_ray.errors import BrokerTimeoutError
 STATE_VERSION = 1
 MAX_UNCLAIMED_RESULTS = 256  # results nobody waits for (after a restore, a cancel) are kept, bounded
 RPC_SLACK_S = 30.0  # extra time for the actor call itself on top of the wait it was asked for
-MAX_TRUNK_LOG = 256  # answered trunk segments kept for a restarted group to replay (TrunkLog)
+MAX_TRUNK_LOG = 256  # answered windows kept for a restarted group to replay (TrunkLog)
 POLL_S = 5.0  # longest single wait_result call of the client; it re-checks worker liveness in between
 
 
@@ -76,10 +79,10 @@ def _now() -> float:
 
 
 class TrunkLog:
-    """The schedules of the trunk segments answered so far, by the step each ended at (bounded).
+    """The requests of the decision windows the trunk answered so far, by the step each ended at (bounded).
 
-    A result with ``kind == "trunk"`` (a segment the trunk trained: an episode without branches,
-    a ``trunk`` or ``final`` request) is recorded with the schedule it was trained with.
+    A result with ``kind == "trunk"`` (a window the trunk trained) is recorded with the request it was
+    trained with (its decisions and DKO state: enough to train it again to the bit).
     """
 
     def __init__(self, entries: list | None = None):
@@ -95,7 +98,7 @@ class TrunkLog:
             self._entries.popitem(last=False)
 
     def after(self, step: int) -> list[list]:
-        """``[request_id, schedule, end_step]`` of the answered segments ending after ``step``, in step order."""
+        """``[request_id, request, end_step]`` of the answered windows ending after ``step``, in step order."""
         return sorted((row for row in self.state() if row[2] > step), key=lambda row: row[2])
 
     def state(self) -> list[list]:
@@ -122,7 +125,7 @@ class ScheduleBroker:
         self._worker_seen: float | None = None  # monotonic time of the last worker contact
         self._worker_info: dict = {}
         self._policy: dict | None = None  # the DKO weights and context the driver published last
-        self._trunk = TrunkLog()  # answered trunk segments, for a restarted group to replay
+        self._trunk = TrunkLog()  # answered windows, for a restarted group to replay
 
     # ------------------------------------------------------------------ policy (driver -> checkpoints)
 
@@ -136,9 +139,9 @@ class ScheduleBroker:
     # ------------------------------------------------------------------ env side
 
     async def submit(self, schedule: dict) -> int:
-        """Queue a schedule (``betas``: list of T floats, plus metadata); returns its request id."""
-        if not isinstance(schedule, dict) or "betas" not in schedule:
-            raise ValueError("a schedule request must be a dict with a 'betas' list")
+        """Queue a request (a window's ``decisions``, plus metadata); returns its request id."""
+        if not isinstance(schedule, dict) or "decisions" not in schedule:
+            raise ValueError("a request must be a dict with a 'decisions' list")
         async with self._cond:
             self._raise_if_closed("submit")
             self._fresh = False
@@ -175,8 +178,24 @@ class ScheduleBroker:
             return self._pending.pop(request_id, None) is not None
 
     async def latest_result(self) -> dict | None:
-        """The most recent result posted by the workers (for the env's progress and loss features)."""
+        """The most recent result or state posted by the workers (the env's next slots and context)."""
         return None if self._latest_result is None else dict(self._latest_result)
+
+    async def wait_state(self, timeout_s: float, after_step: int | None = None) -> dict | None:
+        """The latest state or result once the workers posted one (with ``after_step``: one of a later step);
+        None after ``timeout_s``."""
+        def ready() -> bool:
+            latest = self._latest_result
+            return latest is not None and (after_step is None or latest.get("step", -1) > after_step)
+
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: ready() or self._closed_reason is not None),
+                                       timeout=max(float(timeout_s), 0.0))
+            except (asyncio.TimeoutError, TimeoutError):
+                return None
+            self._raise_if_closed("wait for the workers' state")
+            return dict(self._latest_result)
 
     # ------------------------------------------------------------------ worker side
 
@@ -236,8 +255,18 @@ class ScheduleBroker:
             self._cond.notify_all()
             return True
 
+    async def post_state(self, state: dict) -> None:
+        """Rank 0's state before its first request: the first window's slots and the trunk's context."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a worker state must be a dict, got {type(state).__name__}")
+        async with self._cond:
+            self._fresh = False
+            self._touch_worker()
+            self._latest_result = dict(state)
+            self._cond.notify_all()
+
     async def replay_from(self, step: int) -> list[list]:
-        """The answered trunk segments ending after ``step`` (a restarted group's checkpoint step):
+        """The answered windows ending after ``step`` (a restarted group's checkpoint step):
         ``[request_id, schedule, end_step]``, in step order; see the module docstring, Replay."""
         self._touch_worker()
         return self._trunk.after(int(step))
@@ -400,6 +429,24 @@ class BrokerClient:
     def latest_result(self) -> dict | None:
         return self._get(self.handle.latest_result.remote(), 0.0, "latest_result")
 
+    def wait_state(self, timeout_s: float | None = None, after_step: int | None = None) -> dict:
+        """Block until the workers posted a state (the env's next slots; with ``after_step``, one of a later step);
+        BrokerTimeoutError once they have been silent for ``timeout_s`` during this wait."""
+        timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
+        start = _now()
+        while True:
+            elapsed = _now() - start
+            st = self._get(self.handle.status.remote(None), 0.0, "status")
+            idle = elapsed if st["worker_idle_s"] is None else min(st["worker_idle_s"], elapsed)
+            budget = timeout_s - idle
+            if budget <= 0:
+                raise BrokerTimeoutError(f"the Ray Train workers posted no state within {timeout_s:g} s (they never "
+                                         "started or are stuck; raise rl.broker_timeout_s if start-up is slow)")
+            chunk = min(budget, POLL_S)
+            out = self._get(self.handle.wait_state.remote(chunk, after_step), chunk, "wait_state")
+            if out is not None:
+                return out
+
     def wait_result(self, request_id: int, timeout_s: float | None = None) -> dict:
         """Block until the workers post the result of ``request_id``.
 
@@ -445,7 +492,7 @@ class BrokerClient:
             detail += f"; the workers were last seen {st['worker_idle_s']:.1f} s ago"
         if self.max_wait_s is not None and elapsed >= self.max_wait_s:
             detail += f"; waited {elapsed:.1f} s, over the limit of {self.max_wait_s:g} s"
-        return f"{msg} ({detail}; raise rl.broker_timeout_s if segments legitimately take longer)"
+        return f"{msg} ({detail}; raise rl.broker_timeout_s if windows legitimately take longer)"
 
     # ------------------------------------------------------------------ worker side
 
@@ -456,6 +503,9 @@ class BrokerClient:
 
     def post_result(self, request_id: int, result: dict) -> bool:
         return bool(self._get(self.handle.post_result.remote(request_id, result), 0.0, "post_result"))
+
+    def post_state(self, state: dict) -> None:
+        self._get(self.handle.post_state.remote(state), 0.0, "post_state")
 
     def replay_from(self, step: int) -> list[list]:
         """Rank 0 after a restart: see :meth:`ScheduleBroker.replay_from`."""

@@ -62,6 +62,19 @@ class LocalBroker:
         with self._cond:
             return None if self._latest is None else dict(self._latest)
 
+    def wait_state(self, timeout_s: float | None = None, after_step: int | None = None) -> dict:
+        timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
+        with self._cond:
+            start = time.monotonic()
+            while self._latest is None or (after_step is not None and self._latest.get("step", -1) <= after_step):
+                self._raise_if_closed("wait for the workers' state")
+                idle = time.monotonic() - max(self._worker_seen, start)
+                if idle >= timeout_s:
+                    raise BrokerTimeoutError(f"the training loop posted no state within {timeout_s:g} s")
+                self._cond.wait(timeout=min(timeout_s - idle, 1.0))
+            self._raise_if_closed("wait for the workers' state")
+            return dict(self._latest)
+
     def wait_result(self, request_id: int, timeout_s: float | None = None) -> dict:
         timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
         with self._cond:
@@ -95,6 +108,12 @@ class LocalBroker:
             self._latest = dict(result)
             self._cond.notify_all()
             return True
+
+    def post_state(self, state: dict) -> None:
+        with self._cond:
+            self._worker_seen = time.monotonic()
+            self._latest = dict(state)
+            self._cond.notify_all()
 
     def replay_from(self, step: int) -> list[list]:
         """The answered trunk segments ending after ``step`` (see :class:`~akod_ray.rl.broker.TrunkLog`)."""

@@ -21,7 +21,7 @@ def search_space(cfg: Config) -> list[dict]:
     points = []
     for seed in cfg.sweep.seeds:
         for arm in cfg.sweep.arms:
-            for k in cfg.sweep.kernel_sizes if ARM_SPECS[arm][0] == "akod" else (None,):
+            for k in cfg.sweep.kernel_sizes if ARM_SPECS[arm].schedule == "akod" else (None,):
                 points.append({"arm": arm, "kernel_size": k, "seed": seed})
     return points
 
@@ -38,10 +38,10 @@ def trial_config(base: Config, point: dict, run_root: str, trial_id: str, search
     for key, value in (searched or {}).items():
         section, name = key.split(".")
         d[section][name] = value
-    schedule, min_snr, akod_unet = ARM_SPECS[point["arm"]]
-    d["diffusion"]["schedule"] = schedule
-    d["diffusion"]["min_snr_gamma"] = base.sweep.min_snr_gamma if min_snr else None
-    d["model"]["msfi"] = d["model"]["beta_modulation"] = akod_unet  # the arm's switches, never the base's
+    spec = ARM_SPECS[point["arm"]]
+    for section, fields in spec.switches().items():  # the arm's switches, never the base's
+        d[section].update(fields)
+    d["diffusion"]["min_snr_gamma"] = base.sweep.min_snr_gamma if spec.min_snr else None
     if point["kernel_size"] is not None:
         d["dko"]["kernel_size"] = point["kernel_size"]
     d["train"]["seed"] = point["seed"]
@@ -64,10 +64,11 @@ def summarize(cfg: Config, point: dict, searched: dict | None = None) -> dict:
     out = {
         "arm": point["arm"], "kernel_size": point["kernel_size"] or 0, "seed": point["seed"],
         "schedule": cfg.diffusion.schedule, "msfi": cfg.model.msfi, "beta_modulation": cfg.model.beta_modulation,
-        "min_snr_gamma": cfg.diffusion.min_snr_gamma,
+        "min_snr_gamma": cfg.diffusion.min_snr_gamma, "adaptation": cfg.diffusion.adaptation, "frozen": cfg.rl.frozen,
         "step": last.get("step", 0), "wall_s": last.get("wall_s", math.nan),
         "ref_loss": last.get("ref_loss", math.nan), "fid_c10": last.get("fid_c10", math.nan),
-        "fid_c10_n": last.get("fid_c10_n", 0), "run_dir": str(cfg.run_dir), **(searched or {}),
+        "fid_c10_n": last.get("fid_c10_n", 0), "fid": last.get("fid", math.nan), "fid_n": last.get("fid_n", 0),
+        "run_dir": str(cfg.run_dir), **(searched or {}),
     }
     if cfg.eval.target_ref_loss is not None:
         out["time_to_ref_loss_s"] = time_to_target(records, "ref_loss", cfg.eval.target_ref_loss)

@@ -7,8 +7,8 @@ Resume never reads Tune's own state (``tuner.pkl``, ``experiment_state-*.json``,
 ``params.pkl``): those are pickles, and unpickling a file runs whatever code it names. A sweep
 resumes from what this project writes and reads without running code: the sweep's
 ``config.yaml`` (safe YAML), each trial's run folder ``runs/<arm>[_k<k>]_s<seed>-<run id>/``
-with its ``summary.json`` once the trial finished, and its Train checkpoints (read with
-``torch.load(weights_only=True)``). Finished trials are kept; every other trial runs again in a
+with its ``summary.json`` once the trial finished, and its Train checkpoints (safetensors and JSON,
+:mod:`akod_ray.training.plain_state`). Finished trials are kept; every other trial runs again in a
 fresh Tune experiment under its old run id, so its Train run resumes from its last checkpoint.
 """
 
@@ -32,9 +32,10 @@ from akod_ray.sweep.search import (ProgressReportCallback, StoppedTrialSummaries
 from akod_ray.sweep.trial import point_name, referee, search_space, summarize, trial_config
 from akod_ray.training.trainer import data_dir_for, ensure_ray
 
-TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "schedule", "msfi", "beta_modulation", "min_snr_gamma", "step",
-                 "wall_s", "ref_loss", "fid_c10", "fid_c10_n", "time_to_ref_loss_s", "time_to_fid_c10_s", "fid_c10_final",
-                 "fid_c10_final_n"]
+TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "schedule", "msfi", "beta_modulation", "min_snr_gamma",
+                 "adaptation", "frozen", "step", "wall_s", "ref_loss", "fid_c10", "fid_c10_n", "fid", "fid_n",
+                 "time_to_ref_loss_s", "time_to_fid_c10_s", "fid_c10_final", "fid_c10_final_n"]
+C10_COLUMNS, INCEPTION_COLUMNS = ("fid_c10", "fid_c10_n"), ("fid", "fid_n")
 SUMMARY_FILE = "summary.json"  # a finished trial's final numbers, in its run folder
 RUN_ID = re.compile(r"[A-Za-z0-9_]{1,40}")  # the run id after "<point name>-" in a run folder's name
 # Fields a resume may change: where Ray runs, how many trials run at once and how many a search runs, not what a
@@ -64,14 +65,27 @@ def _cell(v) -> str:
     return str(v)
 
 
-def write_table(rows: list[dict], sweep_dir: Path, searched: tuple[str, ...] = (), metric: str = "fid_c10") -> tuple[Path, Path]:
-    """The sweep table, one row per trial, as CSV and Markdown (each written to a temporary name and renamed).
-    A search's table has a column per searched field and lists its trials best first (lowest ``metric``)."""
+def table_columns(rows: list[dict], fid: str = "both", searched: tuple[str, ...] = ()) -> list[str]:
+    """The table's columns: Inception FID (``fid``, ``fid_n``) when a trial recorded it, beside fid_c10 (or in
+    its place with ``eval.fid: inception``); fid_c10 alone otherwise. A search's table has a column per searched
+    field after the trial's name."""
+    has_fid = any(isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"]) for r in rows)
+    drop = set() if has_fid else set(INCEPTION_COLUMNS)
+    if has_fid and fid == "inception":
+        drop |= set(C10_COLUMNS) | {"time_to_fid_c10_s"}
+    columns = [c for c in TABLE_COLUMNS if c not in drop]
+    return columns[:1] + list(searched) + columns[1:]
+
+
+def write_table(rows: list[dict], sweep_dir: Path, fid: str = "both", searched: tuple[str, ...] = (),
+                metric: str = "fid_c10") -> tuple[Path, Path]:
+    """The sweep table, one row per trial, as CSV and Markdown (each written to a temporary name and renamed);
+    ``fid``: eval.fid (:func:`table_columns`). A search's table lists its trials best first (lowest ``metric``)."""
     if searched:
         rows = sorted(rows, key=lambda r: (not _finite(r.get(metric)), r.get(metric) if _finite(r.get(metric)) else 0))
     else:
         rows = sorted(rows, key=lambda r: (str(r.get("arm")), r.get("kernel_size") or 0, r.get("seed") or 0))
-    columns = TABLE_COLUMNS[:1] + list(searched) + TABLE_COLUMNS[1:]
+    columns = table_columns(rows, fid, searched)
     csv_path, md_path = sweep_dir / "sweep_table.csv", sweep_dir / "sweep_table.md"
     csv_tmp = csv_path.with_name(csv_path.name + ".tmp")
     with csv_tmp.open("w", newline="") as f:
@@ -256,9 +270,13 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
         save_config(cfg, sweep_dir)
     rows = list(done)
     if to_run:
+        from akod_ray.evaluation.fid_run import prepare_inception_reference
+
+        trial_base = prepare_inception_reference(cfg, data_dir, sweep_dir)  # the sweep's config.yaml keeps eval.fid as asked
         start_ray(cfg)
         carry = (cfg.sweep.metric,) if search else ()  # Tune refuses a result without its searcher's metric
-        trainable = tune.with_resources(sweep_trial_fn(config_to_dict(cfg), str(runs_dir), data_dir, resume_ids, carry),
+        trainable = tune.with_resources(sweep_trial_fn(config_to_dict(trial_base), str(runs_dir), data_dir, resume_ids,
+                                                       carry),
                                         {"CPU": 0, "TRAIN_DRIVER": 1})
         concurrency = concurrent_trials(cfg)
         name, dirname = trial_namers(resume_ids)
@@ -270,7 +288,7 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
                                         trial_dirname_creator=dirname, **tune_args),
             run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(root), verbose=None if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=sweep_callbacks(cfg, runs_dir, resume_ids, len(done), to_run,
+                                      callbacks=sweep_callbacks(trial_base, runs_dir, resume_ids, len(done), to_run,
                                                                 concurrency)),
         )
         results = [_row(result) for result in tuner.fit()]
@@ -313,7 +331,8 @@ def finish_sweep(cfg: Config, sweep_dir: Path, rows: list[dict]) -> Path:
     from akod_ray.reporting.report import write_report
 
     search = cfg.sweep.search == "optuna"
-    write_table(rows, sweep_dir, tuple(search_ranges(cfg.sweep.search_space)) if search else (), cfg.sweep.metric)
+    write_table(rows, sweep_dir, cfg.eval.fid, tuple(search_ranges(cfg.sweep.search_space)) if search else (),
+                cfg.sweep.metric)
     if search and (line := best_line(cfg, rows)):
         print(line, flush=True)
     errors = [r for r in rows if "error" in r]

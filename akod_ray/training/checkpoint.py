@@ -1,9 +1,12 @@
-"""Checkpoints: tensors and plain data only, loadable with torch.load(weights_only=True).
+"""Checkpoints: tensors and plain data only, in a file that is read without unpickling anything.
 
-A checkpoint is a folder ``checkpoint_<step:08d>/`` holding ``state.pt`` (model, EMA,
-optimizer, step, data position, schedule betas, config, and for AKOD the RL state) and,
-when the schedule is learned, ``schedule.json``. Files are written to a temporary name
-and renamed, so a crash never leaves a half-written ``state.pt``.
+A checkpoint is a folder ``checkpoint_<step:08d>/`` holding ``state.safetensors`` (model, EMA,
+optimizer, step, data position, schedule betas, config, and for AKOD the RL state: the tensors as
+safetensors tensors, the rest as JSON in its header, :mod:`akod_ray.training.plain_state`) and,
+when the schedule is learned, ``schedule.json``. Files are written to a temporary name and renamed,
+so a crash never leaves a half-written state file. Checkpoints of earlier versions hold ``state.pt``
+(``torch.save``) instead; they still load, with ``torch.load(weights_only=True)``, which refuses any
+pickled object other than tensors and plain data.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from typing import Any
 
 import torch
 
-from akod_ray.config import CHECKPOINT_DEFAULTS, Config, config_from_dict
+from akod_ray.config import CHECKPOINT_DEFAULTS, RETIRED_FIELDS, RETIRED_VALUES, Config, config_from_dict
 from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.diffusion.schedules import validate_betas
 from akod_ray.errors import CheckpointError, ConfigError
 from akod_ray.models.unet import UNet
+from akod_ray.training import plain_state
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"
+LEGACY_STATE_FILE = "state.pt"  # torch.save, before issue 23
+STATE_FILES = (STATE_FILE, LEGACY_STATE_FILE)  # the one a checkpoint folder holds, in order of preference
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{8})$")
 
 
@@ -40,10 +46,19 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
 
 
 def save_state(folder: str | Path, state: dict) -> Path:
-    """Write ``state`` to ``folder/state.pt`` atomically; returns the folder."""
+    """Write ``state`` to ``folder/state.safetensors`` atomically; returns the folder. A value that is not a
+    tensor or plain data is a CheckpointError naming where it sits (nothing is written)."""
     folder = Path(folder)
-    atomic_torch_save(state, folder / STATE_FILE)
+    try:
+        plain_state.save(state, folder / STATE_FILE)
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint state for {str(folder)!r} cannot be stored: {e}") from None
     return folder
+
+
+def state_file(folder: str | Path) -> Path | None:
+    """The state file of a checkpoint folder (:data:`STATE_FILES`), or None."""
+    return next((Path(folder) / name for name in STATE_FILES if (Path(folder) / name).is_file()), None)
 
 
 def torch_load_error(e: BaseException) -> str:
@@ -73,13 +88,19 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> An
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint folder or its state.pt; a missing, truncated or corrupt file is a CheckpointError."""
+    """Read a checkpoint folder or its state file (state.safetensors, or an earlier version's state.pt); a
+    missing, truncated or corrupt file is a CheckpointError."""
     path = Path(path)
-    file = path / STATE_FILE if path.is_dir() else path
+    file = (state_file(path) or path / STATE_FILE) if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {str(file)!r} does not exist")
     try:
-        state = load_plain(file, map_location)
+        if file.suffix == ".safetensors":
+            state = plain_state.load(file, map_location)
+        else:
+            state = load_plain(file, map_location)
+    except plain_state.PlainStateError as e:
+        raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt or truncated: {e}") from None
     except LOAD_ERRORS as e:
         raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt or truncated: {torch_load_error(e)}") from None
     required = {"model", "ema", "step", "betas", "config"}
@@ -101,18 +122,33 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and state_file(p)]
     return max(found)[1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder (or state file) as given, or the latest checkpoint of a run folder."""
+    path = Path(path)
+    if path.is_dir() and not any((path / name).exists() for name in STATE_FILES):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a {' or '.join(STATE_FILES)} under {str(path)!r}")
+        return found
+    return path
 
 
 def config_of(state: dict, where: str = "checkpoint") -> Config:
     """The config a checkpoint was trained with; fields it predates keep the meaning they had then
     (:data:`akod_ray.config.CHECKPOINT_DEFAULTS`)."""
-    stored = state["config"]
+    stored = {k: dict(v) if isinstance(v, dict) else v for k, v in state["config"].items()}
     for (section, name), value in CHECKPOINT_DEFAULTS.items():
         part = stored.get(section)
         if isinstance(part, dict) and name not in part:
-            stored = {**stored, section: {**part, name: value}}
+            part[name] = value
+    for section, name in RETIRED_FIELDS | {k for k, bad in RETIRED_VALUES.items()
+                                           if isinstance(stored.get(k[0]), dict) and stored[k[0]].get(k[1]) in bad}:
+        if isinstance(stored.get(section), dict):
+            stored[section].pop(name, None)
     try:
         return config_from_dict(stored)
     except ConfigError as e:

@@ -16,6 +16,10 @@ at every step, so the GPU was busy 27 ms of a 60 ms step. Here:
 * every random draw of a step is under the caller's control: t and noise come from the caller's
   generator, and what draws from the global generator (dropout) draws after it was seeded with
   the caller's ``rng_seed``, right before the step runs (after any capture warm-up);
+* a step may be given its t and noise (the caller drew them: the DKO's per-image noise levels, an
+  importance sampler), per-image loss weights, and an :class:`Objective` with parameters of its own
+  (EDM2's learned uncertainty, :mod:`akod_ray.training.adaptation`); the per-image losses of the
+  last step stay on the device (:attr:`FastStep.last_losses`);
 * ``train.compile`` (:data:`COMPILE_MODES`) chooses how the U-Net and the step run:
 
   eager            eager PyTorch ("eager", not "off": YAML reads an unquoted off as false).
@@ -101,8 +105,9 @@ class FastStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, opts: StepOptions, T: int,
                  compile: str = "auto", ema: EMA | None = None, log: Callable[[str], None] | None = None,
-                 _emulate_capture: bool = False):
+                 _emulate_capture: bool = False, objective: "Objective | None" = None):
         self.model = model
+        self.objective = objective  # per-image loss -> scalar, with parameters of its own (None: the mean)
         self.raw = getattr(model, "module", model)
         self.params = list(self.raw.parameters())
         self.optimizer = optimizer
@@ -121,6 +126,9 @@ class FastStep:
         if self.capture and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             self._say(f"capture needs Adam/AdamW (zero initial state), not {type(optimizer).__name__}: steps run uncaptured")
             self.capture = False
+        if self.capture and objective is not None:
+            self._say("a loss objective with parameters of its own is not captured: steps run uncaptured")
+            self.capture = False
         self.net = torch.compile(model, dynamic=False) if self.compiled else model
         self._net_verified = not self.compiled  # the first forward/backward proves the compiled U-Net works
         if self.device.type == "cuda":
@@ -138,6 +146,8 @@ class FastStep:
         self._bad_grad = torch.zeros((), dtype=torch.bool, device=self.device)  # at _first_bad: the loss was finite, the gradient norm not
         self._bad_value = torch.zeros((), device=self.device)  # at _first_bad: the value that was not finite
         self._rng_seed: int | None = None  # the global generator's seed for the step being run
+        self._weights: list[torch.Tensor | None] | None = None  # per-image loss weights of the step being run
+        self.last_losses: list[torch.Tensor] = []  # per-image losses of the last step, per micro-batch (device)
         # capture state
         self._graph = None
         self._graph_key = None
@@ -150,19 +160,34 @@ class FastStep:
     # ------------------------------------------------------------------ public
 
     def __call__(self, micro_batches: list[torch.Tensor], process: DiffusionProcess,
-                 generator: torch.Generator | None = None, rng_seed: int | None = None) -> dict[str, torch.Tensor]:
+                 generator: torch.Generator | None = None, rng_seed: int | None = None, *,
+                 t: list[torch.Tensor] | None = None, noise: list[torch.Tensor] | None = None,
+                 weights: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """One step. ``rng_seed``: the seed of the global generator (CPU and CUDA) for the step's own
-        draws (dropout), set right before the step runs; None leaves the global generator as it is."""
+        draws (dropout), set right before the step runs; None leaves the global generator as it is.
+
+        ``t`` and ``noise`` (one tensor per micro-batch): the caller's draws, used instead of drawing
+        from ``generator`` (both or neither); ``weights``: per-image loss weights (the loss is the mean
+        of weight x loss)."""
         if process is not self._process:
             self._set_process(process)
         if not self.model.training:
             self.model.train()
+        if (t is None) != (noise is None):
+            raise ValueError("FastStep: give both t and noise, or neither")
         self._loss_steps += 1
         self._calls += 1
         self._rng_seed = rng_seed
+        self._weights = weights
         if self.capture:
-            return self._captured_step(micro_batches, generator)
-        inputs = [self._draw(x0, generator) for x0 in micro_batches]
+            if weights is not None:
+                self._say("per-image loss weights are not captured: steps run uncaptured")
+                self.capture = False
+                self.reset()
+            else:
+                return self._captured_step(micro_batches, generator, t, noise)
+        inputs = ([self._draw(x0, generator) for x0 in micro_batches] if t is None
+                  else list(zip(micro_batches, t, noise)))
         self._seed_rng()
         loss, grad_norm = self._step(inputs)
         self.optimizer.zero_grad(set_to_none=True)
@@ -239,19 +264,27 @@ class FastStep:
         # weight used twice (the MSFI's three embeddings) is cast once, and its gradient rounds the same.
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=not self.capture)
 
-    def _loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Mean L_simple (Min-SNR weighted when set) over one micro-batch, from the device tables."""
+    def _loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, i: int = 0) -> torch.Tensor:
+        """Mean L_simple (Min-SNR weighted when set) over one micro-batch, from the device tables; times the
+        caller's per-image weights, or through the objective, when given. Keeps the per-image losses."""
         with self._autocast():
             weighted = self.opts.min_snr_gamma is not None
-            return DiffusionProcess.table_loss(self.net, self.tables, x0, t, noise, weighted).mean()
+            per_image = DiffusionProcess.table_loss(self.net, self.tables, x0, t, noise, weighted)
+        self.last_losses.append(per_image.detach())
+        if self._weights is not None:
+            per_image = per_image * self._weights[i].to(per_image.dtype)
+        if self.objective is not None:
+            return self.objective(per_image, self.tables[t])
+        return per_image.mean()
 
     def _forward_backward(self, inputs) -> torch.Tensor:
         n = len(inputs)
         total = None
+        self.last_losses = []
         for i, (x0, t, noise) in enumerate(inputs):
             last = i == n - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if last else self.model.no_sync():
-                loss = self._loss(x0, t, noise)
+                loss = self._loss(x0, t, noise, i)
                 (loss / n).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total / n
@@ -280,6 +313,8 @@ class FastStep:
         else:  # no clipping, but the metric stays the true norm
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         self.optimizer.step()
+        if self.objective is not None:
+            self.objective.step()
         if self.ema is not None:
             self.ema.update(self.raw)
         self._loss_sum.add_(loss)
@@ -302,16 +337,20 @@ class FastStep:
 
     # ------------------------------------------------------------------ whole-step CUDA graph
 
-    def _captured_step(self, micro_batches, generator) -> dict[str, torch.Tensor]:
+    def _captured_step(self, micro_batches, generator, given_t=None, given_noise=None) -> dict[str, torch.Tensor]:
         key = tuple((tuple(x.shape), x.dtype) for x in micro_batches) + (self.ema.decay if self.ema else None,)
         if key != self._graph_key:
             self.reset()
             self._static = [(torch.empty_like(x),  # the batch's memory format
                              torch.empty(x.shape[0], dtype=torch.long, device=x.device),
                              torch.empty(x.shape, dtype=x.dtype, device=x.device)) for x in micro_batches]
-        # This step's inputs into the static buffers, drawn in train_step's order (t, then noise).
-        for (x0, t, noise), x in zip(self._static, micro_batches):
+        # This step's inputs into the static buffers, drawn in train_step's order (t, then noise), or the caller's.
+        for i, ((x0, t, noise), x) in enumerate(zip(self._static, micro_batches)):
             x0.copy_(x)
+            if given_t is not None:
+                t.copy_(given_t[i])
+                noise.copy_(given_noise[i])
+                continue
             torch.randint(0, self.T, t.shape, generator=generator, out=t)
             torch.randn(noise.shape, generator=generator, out=noise)
         self._sync_lr()

@@ -7,12 +7,12 @@ Phases of :func:`run_training`:
   1. build: model, optimizer, EMA, data stream, reference protocol (:class:`TrainingRun`);
   2. resume from the latest checkpoint, if any;
   3. per optimizer step:
-     a. at a segment start, the source gives the segment's schedule; it may first run
-        branch rollouts on the :class:`Trunk` (short trainings from the current weights,
-        each scored by the reference protocol, then undone);
+     a. at a segment start, the source gives the segment's schedule (the table of noise levels the
+        step reads) and, for the adaptive arms, a :class:`~akod_ray.training.adaptation.StepSampler`
+        that draws each image's step instead of uniform t (the DKO's policy, an importance sampler);
      b. one train step (micro-batches, all-reduce under DDP), EMA update; its t, noise and
         dropout draws depend on (train.seed, rank, step) only (:func:`step_seed`);
-     c. at a segment end, the reference loss profile goes back to the source;
+     c. at a segment end, the source hears of it (the AKOD source posts the segment's rewards);
      d. at intervals: metrics record, fid_c10, sample grid, checkpoint, each at most once per step,
         after the divergence check (a NaN or inf loss or gradient norm on any worker stops every
         worker: :meth:`TrainingRun.read_loss`), with the EMA weights in eval mode; then one report
@@ -20,7 +20,7 @@ Phases of :func:`run_training`:
 
 Budget. ``train.max_wall_s`` counts budget seconds on ``train.budget_clock`` (wall-clock, or
 this process's CPU time): everything but evaluation (metrics records, fid_c10, sample grids),
-so schedule waits, branch rollouts and reward evaluations count, as an arm's own cost.
+so schedule waits, credits and the learner's updates count, as an arm's own cost.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ from akod_ray.evaluation.sampling import sample_as_configured, sampling_record
 from akod_ray.errors import CheckpointError
 from akod_ray.models.unet import UNet
 from akod_ray.reporting.grids import save_grid
+from akod_ray.training import credit
+from akod_ray.training.adaptation import EDM2Weighting, StepSampler
 from akod_ray.training.ema import EMA
 from akod_ray.training.fast_step import FastStep, resolve_compile, use_channels_last
-from akod_ray.training.step import Divergence, ReferenceProtocol, StepOptions, lr_at, make_optimizer, schedule_loss
+from akod_ray.training.step import Divergence, ReferenceProtocol, StepOptions, lr_at, make_optimizer
 
 
 class WorkerEnv(Protocol):
@@ -67,49 +69,62 @@ class WorkerEnv(Protocol):
 
 @dataclass
 class Segment:
-    """A run of steps trained with one schedule."""
+    """A run of steps trained with one schedule (its table of noise levels).
+
+    ``sampler`` draws each image's step (default: uniform t); ``sampling_process`` is the schedule that
+    evaluation samples with on its own grid and that checkpoints store (default: ``process``)."""
 
     process: DiffusionProcess
     length: int
     request_id: int | None = None
+    sampler: StepSampler | None = None
+    sampling_process: DiffusionProcess | None = None
 
 
 class Trunk(Protocol):
-    """What a schedule source may do with the trunk (the run's model) between segments."""
+    """What a schedule source may do with the trunk (the run's model) between and within segments."""
 
+    step: int
+    stream: BatchStream  # the data stream (a source may peek at the next batches' images)
     def reference(self) -> dict: ...  # {"ref_loss", "loss_profile", "profile_logsnr", "step"} of the trunk now
-    def reward_profile(self) -> dict: ...  # {"profile", "profile_logsnr", "step"}: the reward probe on the trunk now
+    def reward_profile(self) -> dict: ...  # {"profile", "profile_logsnr", "probe_loss", "step"}: the fixed reward probe now
+    def probe_direction(self, seed: int) -> tuple[list[torch.Tensor], float]: ...  # (u = P grad M, M), credit.py
+    def image_credits(self, x0, t, noise, direction) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # (d_i, L_i)
+    def learning_rate(self) -> float: ...
     def branch(self, process: DiffusionProcess, steps: int, salt: int = 0) -> dict: ...  # train a branch, score it, undo it
 
 
 class ScheduleSource(Protocol):
     def next_segment(self, step: int, steps_left: int, trunk: Trunk) -> Segment: ...
-    def finish_segment(self, segment: Segment, result: dict) -> None: ...
+    def finish_segment(self, segment: Segment, result: dict, trunk: Trunk) -> None: ...
     def heartbeat(self, step: int) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
 
 class FixedSchedule:
-    """A fixed schedule (linear, cosine or a schedule file): one segment for the whole run."""
+    """A fixed schedule (linear, cosine or a schedule file): one segment for the whole run; with a
+    ``sampler`` (``diffusion.adaptation=importance``) each image's step comes from it, not uniform t."""
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, sampler=None):
         self.process = DiffusionProcess(betas)
+        self.sampler = sampler
 
     def next_segment(self, step: int, steps_left: int, trunk: Trunk) -> Segment:
-        return Segment(self.process, steps_left)
+        return Segment(self.process, steps_left, sampler=self.sampler)
 
-    def finish_segment(self, segment: Segment, result: dict) -> None:
+    def finish_segment(self, segment: Segment, result: dict, trunk: Trunk) -> None:
         pass
 
     def heartbeat(self, step: int) -> None:
         pass
 
     def state_dict(self) -> dict:
-        return {}
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.sampler is not None and state.get("sampler"):
+            self.sampler.load_state_dict(state["sampler"])
 
 
 def reference_process(cfg: Config) -> DiffusionProcess:
@@ -118,27 +133,12 @@ def reference_process(cfg: Config) -> DiffusionProcess:
 
 
 def offline_fid(cfg: Config, model: torch.nn.Module, process: DiffusionProcess, env: WorkerEnv, step: int) -> dict:
-    """fid_c10 of eval.fid_samples EMA samples, spread over the workers (each samples its share).
+    """fid_c10 (and Inception FID where eval.fid asks and the weights are present) of eval.fid_samples EMA
+    samples, spread over the workers: :func:`akod_ray.evaluation.fid_run.evaluate_in_run` ({} without the
+    shipped classifier: a run never fails for want of an evaluation network)."""
+    from akod_ray.evaluation.fid_run import evaluate_in_run
 
-    Returns {} when the shipped classifier or its reference statistics are missing, so a
-    run never fails for want of an evaluation network; the record then simply lacks fid_c10.
-    """
-    from akod_ray.errors import AkodError
-    from akod_ray.evaluation.fid import (c10_activations, c10_implementation, default_c10_reference, frechet_distance,
-                                         statistics)
-
-    try:
-        ref = default_c10_reference()
-    except AkodError:
-        return {}
-    n = cfg.eval.fid_samples // env.world_size
-    g = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 7919 + env.rank * 104_729 + step)
-    images = sample_as_configured(cfg, model, process, n, g, env.device)
-    acts = env.gather(torch.from_numpy(c10_activations(images.float(), device=env.device)).to(env.device)).cpu().numpy()
-    value = frechet_distance(statistics(acts, "samples", c10_implementation()), ref)  # same feature space as ref
-    how = sampling_record(cfg, process.T)
-    return {"fid_c10": value, "fid_c10_n": int(acts.shape[0]), "fid_c10_sampler": how["sampler"],
-            "fid_c10_nfe": how["nfe"], "fid_c10_grid": how["sampling_grid"]}
+    return evaluate_in_run(cfg, model, process, env, step)
 
 
 EVALUATION = ("metrics", "fid", "samples")  # timer kinds that never count against a time budget
@@ -163,6 +163,12 @@ class Timers:
 
     def budget(self) -> float:
         return self._clock() - self._start - self.excluded
+
+    def move_from_train(self, dst: str, seconds: float) -> None:
+        """Re-label ``seconds`` measured as training as ``dst`` (work nested inside a train step)."""
+        if seconds > 0:
+            self.train -= seconds
+            self.other[dst] = self.other.get(dst, 0.0) + seconds
 
     def move(self, src: str, dst: str, seconds: float) -> None:
         """Re-label ``seconds`` measured under ``src`` as ``dst`` (work nested inside a measured wait)."""
@@ -262,26 +268,30 @@ class TrainingRun:
         self.stream = BatchStream(data.train, tc.batch_size, env.rank, env.world_size, tc.grad_accum, cfg.data.seed)
         self.stream.move_to(env.device)  # the images on the accelerator when they fit (CIFAR-10: 150 MB)
         self.opts = StepOptions(cfg.diffusion.min_snr_gamma, tc.bf16, tc.grad_clip)
+        # EDM2's learned uncertainty weighting (diffusion.adaptation=edm2) is the step's objective
+        self.objective = EDM2Weighting(tc.lr).to(env.device) if cfg.diffusion.adaptation == "edm2" else None
         # The step, built once: tables on the device, no host sync inside, the EMA update included,
         # compiled / captured per train.compile (one printed line if that fails and it falls back).
         self.runner = FastStep(self.model, self.optimizer, self.opts, cfg.diffusion.T, tc.compile, ema=self.ema,
-                               log=print if env.rank == 0 else lambda _: None)
+                               log=print if env.rank == 0 else lambda _: None, objective=self.objective)
         share = data.val.shape[0] // env.world_size  # the reference protocol on this worker's share
         self.val_x0 = to_model_range(data.val[env.rank * share:(env.rank + 1) * share]).to(env.device)
         self.ref = ReferenceProtocol(reference_process(cfg), self.val_x0, tc.ref_grid, seed=tc.seed + 1234,
                                      batch=tc.val_batch)
-        # The AKOD reward probe (rl.reward_images x rl.reward_grid, fixed noise): small, scored at every segment end
+        # The reward probe (rl.reward_images held-out images at rl.reward_grid levels where rl.reward_metric puts
+        # its mass, fixed noise): the metric the AKOD credit improves, scored on demand (benches, the policy gain)
         probe_share = max(cfg.rl.reward_images // env.world_size, 1)
-        self.reward_probe = ReferenceProtocol(reference_process(cfg), self.val_x0[:probe_share], cfg.rl.reward_grid,
-                                              seed=tc.seed + 4321, batch=tc.val_batch)
+        self.reward_probe = credit.LevelProbe(self.val_x0[:probe_share], credit.metric_quantiles(
+            cfg.rl.reward_metric, cfg.dko.logsnr_max, cfg.dko.logsnr_min, cfg.rl.reward_grid), seed=tc.seed + 4321,
+            batch=tc.val_batch)
         self._probe: dict | None = None  # the trunk's reward-probe profile, cached for self.step
         self.gen = torch.Generator(device=env.device)  # re-seeded at every step, see train_one_step
         self.timers = Timers(clock=tc.budget_clock)
         self.step, self.wall_offset, self.budget_offset = 0, 0.0, 0.0
         self.process: DiffusionProcess | None = None
+        self.sampling_process: DiffusionProcess | None = None  # what evaluation samples with on its own grid
         self.eval_model = None
         self._reference: dict | None = None  # the trunk's reference profile, cached for self.step
-        self._branch_s = 0.0  # wall seconds of branch rollouts since the last segment start
         self._evaluated: tuple[int, set[str]] = (-1, set())  # (step, what after_step did at that step)
 
     # ------------------------------------------------------------------ 2. resume
@@ -296,6 +306,8 @@ class TrainingRun:
             self.optimizer.load_state_dict(state["optimizer"])
             self.stream.load_state_dict(state["data"])
             self.schedules.load_state_dict(state.get("schedule_source", {}))
+            if self.objective is not None:
+                self.objective.load_checkpoint_state(state["objective"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint at step {state.get('step')} does not fit this run: {e}") from None
         self.step, self.wall_offset = int(state["step"]), float(state["wall_s"])
@@ -319,24 +331,33 @@ class TrainingRun:
         return {
             "model": self.raw.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "data": self.stream.state_dict(), "step": self.step, "wall_s": self.wall(), "budget_s": self.budget(),
-            "betas": self.process.betas, "config": config_to_dict(self.cfg),
+            "betas": self.sampling_process.betas, "config": config_to_dict(self.cfg),
             "schedule_source": self.schedules.state_dict(),
+            **({"objective": self.objective.checkpoint_state()} if self.objective is not None else {}),
             "evaluated": sorted(self._evaluated[1]) if self._evaluated[0] == self.step else [],
         }
 
     # ------------------------------------------------------------------ 3b. one optimizer step
 
-    def train_one_step(self, process: DiffusionProcess, seed: int) -> None:
+    def train_one_step(self, process: DiffusionProcess, seed: int, sampler: StepSampler | None = None,
+                       k: int = 0) -> None:
         """One optimizer step and the EMA update. Nothing is read back: the loss and the divergence
         check are read at log intervals, segment ends and before evaluations and checkpoints
-        (:meth:`read_loss`)."""
+        (:meth:`read_loss`). ``sampler`` draws each image's step (the ``k``-th of its segment)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.tc.lr, self.tc.warmup_steps)
         # t, noise and dropout depend only on (seed, rank, step), so a resumed run draws exactly what
         # the uninterrupted run would have drawn (no generator is checkpointed): t and noise from
         # self.gen, dropout from the global generator, which the step seeds itself
         self.gen.manual_seed(seed)
-        self.runner(self.stream.next(self.env.device, self.channels_last), process, self.gen, rng_seed=global_seed(seed))
+        batch = self.stream.next(self.env.device, self.channels_last)
+        if sampler is None:
+            self.runner(batch, process, self.gen, rng_seed=global_seed(seed))
+            return
+        drawn = sampler.draw(self, batch, self.gen, k)
+        self.runner(batch, process, self.gen, rng_seed=global_seed(seed), t=drawn.t, noise=drawn.noise,
+                    weights=drawn.weights)
+        sampler.observe(self.runner.last_losses)
 
     def read_loss(self, reset: bool = True) -> float:
         """The mean training loss since the last read (one host sync), with the divergence check.
@@ -368,10 +389,6 @@ class TrainingRun:
         """The model's reference loss profile now, all-reduced over the workers."""
         return [self.env.all_reduce_mean(v) for v in self.ref.profile(self.model, self.tc.bf16)]
 
-    def _paper_loss(self, process: DiffusionProcess) -> float:
-        """The paper's reward term under ``process``, all-reduced (rl.reward=paper only)."""
-        return self.env.all_reduce_mean(schedule_loss(self.model, process, self.val_x0, bf16=self.tc.bf16))
-
     def reference(self) -> dict:
         """The trunk's reference loss profile at the current step (computed once per step, then cached)."""
         if self._reference is None or self._reference["step"] != self.step:
@@ -386,21 +403,41 @@ class TrainingRun:
 
     def reward_profile(self) -> dict:
         """The trunk's reward-probe profile at the current step (computed once per step, then cached):
-        {"profile", "profile_logsnr", "step"}."""
+        {"profile", "profile_logsnr", "probe_loss" (M: the profile's mean, the levels being the metric's
+        quantiles), "step"}."""
         if self._probe is None or self._probe["step"] != self.step:
-            self._probe = {"profile": self._probe_profile(), "profile_logsnr": self.reward_probe.grid_logsnr,
-                           "step": self.step}
+            profile = self._probe_profile()
+            self._probe = {"profile": profile, "profile_logsnr": self.reward_probe.grid_logsnr,
+                           "probe_loss": sum(profile) / len(profile), "step": self.step}
         return dict(self._probe)
 
-    def branch(self, process: DiffusionProcess, steps: int, salt: int = 0) -> dict:
+    def probe_direction(self, seed: int) -> tuple[list[torch.Tensor], float]:
+        """u = P grad M on rl.probe_pairs fresh (image, level) pairs of this worker's held-out share, and M
+        (:func:`akod_ray.training.credit.probe_direction`; this worker only, no collective)."""
+        rl, dko = self.cfg.rl, self.cfg.dko
+        pairs = credit.probe_pairs(self.val_x0, rl.probe_pairs, rl.reward_metric, dko.logsnr_max, dko.logsnr_min, seed)
+        return credit.probe_direction(self.raw, self.optimizer, pairs, self.tc.bf16)
+
+    def image_credits(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                      direction: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d_i, L_i) of images about to be trained at steps ``t`` with ``noise`` (this worker only); L_i only
+        when the reward needs it (rl.reward=paper)."""
+        return credit.directional_derivatives(self.raw, self.runner.tables, x0, t, noise, direction,
+                                              weighted=self.opts.min_snr_gamma is not None,
+                                              fd_rel=self.cfg.rl.fd_rel, with_loss=self.cfg.rl.reward == "paper")
+
+    def learning_rate(self) -> float:
+        return lr_at(self.step, self.tc.lr, self.tc.warmup_steps)
+
+    def branch(self, process: DiffusionProcess, steps: int, salt: int = 0, inspect=None) -> dict:
         """Train ``steps`` steps with ``process`` from the current weights, score, and undo.
 
         Every branch from the same trunk step (and ``salt``) sees the same t and noise draws
         (common random numbers), and the same batches, so branches differ by their schedule
-        only. The EMA is untouched.
-        Returns the branch's reward-probe profile (``after_profile``) and the paper loss if asked for.
+        only. The trunk's EMA is restored with everything else.
+        Returns the branch's reward-probe profile (``after_profile``) and, with ``inspect`` (a callable of
+        this run), what it returns while the branch's weights and EMA are in place (``inspected``).
         """
-        t = time.perf_counter()
         snapshot = self.runner.snapshot()  # weights, optimizer, EMA, loss sum: restored in place (no recapture)
         data_state = copy.deepcopy(self.stream.state_dict())
         step = self.step
@@ -409,12 +446,11 @@ class TrainingRun:
                 seed = step_seed(self.tc.seed, self.env.rank, step) + BRANCH_SALT * (salt + 1) + j
                 self.train_one_step(process, seed % 2**63)
             out = {"after_profile": self._probe_profile()}
-            if self.cfg.rl.reward == "paper":
-                out["paper_loss"] = self._paper_loss(process)
+            if inspect is not None:
+                out["inspected"] = inspect(self)
         finally:
             self.runner.restore(snapshot)
             self.stream.load_state_dict(data_state)
-            self._branch_s += time.perf_counter() - t
         return out
 
     # ------------------------------------------------------------------ 3d. evaluation
@@ -439,7 +475,7 @@ class TrainingRun:
     def sample_grid(self) -> Path:
         g = torch.Generator(device=self.env.device).manual_seed(self.tc.seed)
         n = self.cfg.eval.grid_size**2
-        images = sample_as_configured(self.cfg, self._eval_model(), self.process, n, g, self.env.device)
+        images = sample_as_configured(self.cfg, self._eval_model(), self.sampling_process, n, g, self.env.device)
         return save_grid(images, self.run_dir / "samples" / f"grid_{self.step:08d}.png", self.cfg.eval.grid_size)
 
     # ------------------------------------------------------------------ 3. the loop
@@ -483,7 +519,7 @@ class TrainingRun:
                           f"{r['img_per_s']:.1f} img/s lr {r['lr']:.2e} wall {r['wall_s']:.1f}s", flush=True)
         if "fid" in due:
             with timers.measure("fid"):
-                fid = offline_fid(cfg, self._eval_model(), self.process, env, self.step)
+                fid = offline_fid(cfg, self._eval_model(), self.sampling_process, env, self.step)
                 if fid and self.log is not None:
                     self.record = dict(self.record, **fid)
                     self.log.write({"step": self.step, "wall_s": self.record.get("wall_s", self.wall()),
@@ -512,18 +548,20 @@ class TrainingRun:
         seg_left = 0
         try:
             while self.step < tc.steps:
-                if seg_left == 0:  # a. the segment's schedule (branch rollouts, if any, happen in here)
+                if seg_left == 0:  # a. the segment's schedule (and, for the AKOD arm, its decisions)
                     with timers.measure("schedule_wait"):
                         segment = self.schedules.next_segment(self.step, tc.steps - self.step, self)
-                    timers.move("schedule_wait", "branches", self._branch_s)  # the branches ran inside the wait
-                    self._branch_s = 0.0
                     if self.step > 0 and self.budget_spent(log_due=False):
-                        # the rollouts spent the budget: the model stays as the last step left it
+                        # the wait spent the budget: the model stays as the last step left it
                         self.after_step(last=True)
                         break
                     self.process, seg_left = segment.process, segment.length
+                    self.sampling_process = segment.sampling_process or segment.process
                 with timers.measure("train"):  # b. one optimizer step (the EMA update included)
-                    self.train_one_step(self.process, step_seed(tc.seed, env.rank, self.step))
+                    self.train_one_step(self.process, step_seed(tc.seed, env.rank, self.step), segment.sampler,
+                                        segment.length - seg_left)
+                if segment.sampler is not None:  # the credits measured inside the step are the learner's cost
+                    timers.move_from_train("credit", segment.sampler.pop_overhead_s())
                 self.step += 1
                 seg_left -= 1
                 self.schedules.heartbeat(self.step)
@@ -531,10 +569,7 @@ class TrainingRun:
                 if seg_left == 0 and segment.request_id is not None:  # c. the segment's result
                     with timers.measure("reward"):
                         self.read_loss(reset=False)  # a diverged trunk posts no reward: every worker stops here
-                        result = dict(self.reward_profile(), wall_s=self.wall())
-                        if cfg.rl.reward == "paper":
-                            result["paper_loss"] = self._paper_loss(self.process)
-                        self.schedules.finish_segment(segment, result)
+                        self.schedules.finish_segment(segment, {"step": self.step, "wall_s": self.wall()}, self)
 
                 spent = self.budget_spent(log_due=self.step % tc.log_every == 0)
                 self.after_step(last=self.step == tc.steps or spent)  # d. evaluation

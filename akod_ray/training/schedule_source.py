@@ -22,5 +22,13 @@ def fixed_betas(cfg: Config):
 
 
 def fixed_source(cfg: Config, env=None, loop_config: dict | None = None) -> FixedSchedule:
-    """The schedule source of a fixed arm (the signature of a loop_config ``source_factory``)."""
-    return FixedSchedule(fixed_betas(cfg))
+    """The schedule source of a fixed arm (the signature of a loop_config ``source_factory``); with
+    ``diffusion.adaptation=importance`` its steps come from the importance sampler."""
+    d = cfg.diffusion
+    sampler = None
+    if d.adaptation == "importance":
+        from akod_ray.training.adaptation import ImportanceSampler
+
+        sampler = ImportanceSampler(d.T, d.adaptation_bins, d.adaptation_floor, d.adaptation_decay,
+                                    env.device if env is not None else "cpu")
+    return FixedSchedule(fixed_betas(cfg), sampler)
