@@ -205,7 +205,7 @@ RESUME_BASE = {
     "diffusion": {"T": 100},
     "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
               "dropout": 0.0},
-    "dko": {"num_knots": 4},
+    "dko": {"bins": 4},
     "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
     "train": {"batch_size": 8, "log_every": 4, "ckpt_every": 4, "sample_every": 8, "val_batch": 8, "ref_grid": 2,
               "cpus_per_worker": 1},
