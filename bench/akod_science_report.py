@@ -25,6 +25,18 @@ LEARNED = ("dko_only", "akod")  # PPO-learned distributions
 CONTROLS = ("dko_frozen", "dko_null")  # the learner without updates; with rewards that carry no information
 DKO_ARMS = LEARNED + CONTROLS
 EVALUATION = ("fid", "samples", "metrics")
+# version 2's figures (bench/akod_science/v2): their meaning changed with version 3's arms and rewards, and no script
+# writes them any more; the report removes them from bench/results.json when it writes version 3's
+RETIRED_KEYS = (
+    "akod_policy_gain_all_pairs", "akod_policy_samples_per_run", "akod_reward_within_round_share_improvement",
+    "akod_reward_within_round_share_reference", "akod_vs_best_fixed_time_to_target_ratio",
+    "akod_vs_cosine_time_to_target_ratio", "dko_scratch_policy_gain", "dko_scratch_policy_gain_ci95",
+    "dko_scratch_policy_gain_detectable_80pct",
+    *(f"{a}_vs_{b}_fid_c10_ratio{ci}" for a, b in (("akod", "baseline"), ("akod", "cosine"), ("akod", "edm"),
+                                                 ("akod", "laplace"), ("akod", "loglinear"), ("akod", "min_snr"),
+                                                 ("edm", "loglinear"), ("laplace", "loglinear"))
+      for ci in ("", "_ci95")),
+)
 LEARNING = ("credit", "reward", "schedule_wait")  # what learning the distribution costs inside the budget
 
 
@@ -218,7 +230,7 @@ def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float, sample
     files.append(_save(fig, ax, out / "distributions.png", "log-SNR", "density of the training noise levels",
                        "what the trunk trained on (averaged over each run) beside the anchors"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for arm in DKO_ARMS:
         runs = [r for r in by_arm.get(arm, []) if r.get("distribution")]
         if not runs:
@@ -232,11 +244,11 @@ def plots(out: Path, by_arm: dict[str, list[dict]], laplace_scale: float, sample
         drift = [window_drift(r) for r in runs]
         axes[1].plot(steps, np.mean([[w for _, w in d[:m]] for d in drift], 0), color=line.get_color(), label=arm)
     axes[0].set_xlabel("trunk step")
-    axes[0].set_ylabel("credit per decision (x rl.reward_scale), mean of 10 windows")
-    axes[0].set_title("the reward the decisions earned: learner against the frozen control")
+    axes[0].set_ylabel("credit per decision (x rl.reward_scale)\nmoving mean of 10 windows", fontsize=9)
+    axes[0].set_title("credit the decisions earned: learners vs the frozen control", fontsize=10)
     axes[0].legend(fontsize=7)
     files.append(_save(fig, axes[1], out / "ppo_learning.png", "trunk step",
-                       "W1 (log-SNR) of the window's distribution to the prior", "how far the policy moved (mean over seeds)"))
+                       "W1 (log-SNR), window's distribution to the prior", "how far the policy moved (mean over seeds)"))
     return files
 
 
@@ -400,5 +412,5 @@ def write_report(out: Path, arms: list[str], write_results: bool = True) -> None
     if write_results:
         merge_results({k: v for k, v in figures.items() if not k.startswith("akod_science_")},
                       meta_record(loadavg=loadavg(), note="bench/akod_science.py --report over "
-                                  f"{sum(len(v) for v in by_arm.values())} runs"))
+                                  f"{sum(len(v) for v in by_arm.values())} runs"), retire=RETIRED_KEYS)
     print((out / "report.md").read_text())

@@ -63,10 +63,14 @@ def today() -> str:
     return _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
 
 
-def merge_results(values: dict, meta: dict | None = None, path: Path = RESULTS) -> dict:
+def merge_results(values: dict, meta: dict | None = None, path: Path = RESULTS, retire: tuple[str, ...] = ()) -> dict:
     """Read-modify-write ``path`` atomically: ``values`` at the top level, ``meta`` under
-    ``_meta[key]`` for every key of ``values`` (other keys are kept as they are)."""
+    ``_meta[key]`` for every key of ``values``; the keys in ``retire`` (figures whose meaning changed and that no
+    script writes any more) are removed with their ``_meta``; other keys are kept as they are."""
     data = json.loads(path.read_text()) if path.is_file() else {}
+    for k in retire:
+        data.pop(k, None)
+        data.get("_meta", {}).pop(k, None)
     data.update(values)
     if meta is not None:
         m = data.setdefault("_meta", {})

@@ -465,9 +465,9 @@ class BrokerClient:
             if self.max_wait_s is not None:
                 budget = min(budget, self.max_wait_s - elapsed)
             if budget <= 0:
-                try:
-                    self.handle.cancel.remote(request_id)  # best effort: nobody will collect it
-                except Exception:  # noqa: BLE001 - the actor may be gone already
+                try:  # withdrawn before the error is raised, so a caller that reads status() sees it gone
+                    ray.get(self.handle.cancel.remote(request_id), timeout=RPC_SLACK_S)
+                except Exception:  # noqa: BLE001 - best effort: the actor may be gone or overloaded already
                     pass
                 raise BrokerTimeoutError(self._timeout_message(request_id, timeout_s, elapsed, st))
             chunk = min(budget, POLL_S)
