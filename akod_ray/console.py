@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
+
+from akod_ray import storage
 
 # "(RayTrainWorker pid=12, ip=10.0.0.2) message", possibly wrapped in ANSI colour codes
 FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:(?P<name>[\w.:-]+) )?pid=(?P<pid>\d+)[^)]*\)(?:\x1b\[[0-9;]*m)* ?(?P<msg>.*)$",
@@ -54,9 +57,12 @@ class RayConsole:
     sweep's run folders, whose ``workers/rank<r>.pid`` files map a worker's pid to its trial;
     None for a single run (the prefix is dropped)."""
 
-    def __init__(self, log_path: Path, runs_dir: Path | None = None):
+    SCAN_EVERY_S = 10.0  # between listings of a sweep's pid files in an object store (a listing is a request)
+
+    def __init__(self, log_path: Path, runs_dir: storage.StoragePath | None = None):
         self.log_path, self.runs_dir = Path(log_path), runs_dir
         self.names: dict[str, str] = {}
+        self.scanned = -float("inf")
         self.log: TextIO | None = None
         self.forwarded = 0
 
@@ -107,10 +113,18 @@ class RayConsole:
     def _trial(self, pid: str) -> str | None:
         if self.runs_dir is None:
             return None
-        if pid not in self.names:
-            for path in Path(self.runs_dir).glob("*/workers/rank*.pid"):
+        remote = storage.is_remote(self.runs_dir)
+        if pid not in self.names and time.monotonic() - self.scanned >= (self.SCAN_EVERY_S if remote else 0.0):
+            self.scanned = time.monotonic()
+            try:
+                files = [e.path for e in storage.walk_files(self.runs_dir) if e.path.parent.name == "workers"
+                         and re.fullmatch(r"rank\d+\.pid", e.path.name)] if remote else \
+                    list(Path(self.runs_dir).glob("*/workers/rank*.pid"))
+            except OSError:
+                files = []  # a name is a convenience; never fail a run for it
+            for path in files:
                 try:
-                    self.names[path.read_text().strip()] = path.parent.parent.name.rsplit("-", 1)[0]
+                    self.names[storage.read_text(path).strip()] = path.parent.parent.name.rsplit("-", 1)[0]
                 except OSError:
                     continue
         return self.names.get(pid)
