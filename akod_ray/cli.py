@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from akod_ray.config import load_config
 
+    from akod_ray.storage import local_folder
+
     cfg = load_config(args.config, args.overrides)
-    args.log_dir = cfg.run_dir  # where a failure's traceback is kept, once the run folder exists
+    args.log_dir = local_folder(cfg.run_dir)  # where a failure's traceback is kept, once the folder exists
     return cfg
 
 
@@ -194,7 +196,7 @@ def cmd_train(args) -> int:
 
     preflight_train(cfg, args.data_dir)
     cfg = prepare_inception_reference(cfg, data_dir_for(cfg, args.data_dir), cfg.run_dir)
-    with _ray_session(args, cfg.run_dir / "ray.log"):
+    with _ray_session(args, args.log_dir / "ray.log"):
         start_ray(cfg)
         last = train(cfg, args.data_dir)
     print(f"[akod] run finished: {cfg.run_dir.resolve()}  (step {last.get('step')}, ref_loss {last.get('ref_loss')})")
@@ -204,8 +206,10 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     from akod_ray.config import dump_config
 
+    from akod_ray.storage import local_folder
+
     cfg = _load(args)
-    args.log_dir = Path(cfg.run.root) / cfg.sweep.name
+    args.log_dir = local_folder(cfg.sweep_dir)
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
@@ -213,8 +217,7 @@ def cmd_sweep(args) -> int:
     from akod_ray.sweep.tuner import run_sweep
 
     preflight_sweep(cfg, args.data_dir)
-    sweep_dir = Path(cfg.run.root) / cfg.sweep.name
-    with _ray_session(args, sweep_dir / "ray.log", sweep_dir / "runs"):
+    with _ray_session(args, args.log_dir / "ray.log", cfg.sweep_dir / "runs"):
         out = run_sweep(args.config, args.overrides, args.data_dir, resume=args.resume, start_ray=start_ray,
                         verbose=args.verbose)
     print(f"[akod] sweep finished; report: {out}")
@@ -308,8 +311,8 @@ def cmd_fid(args) -> int:
     return 0
 
 
-def _checkpoint_path(text: str) -> Path:
-    """A checkpoint folder as given, or the latest checkpoint of a run folder."""
+def _checkpoint_path(text: str):
+    """A checkpoint folder as given, or the latest checkpoint of a run folder (either may be in an object store)."""
     from akod_ray.training.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(text)
@@ -318,9 +321,14 @@ def _checkpoint_path(text: str) -> Path:
 def cmd_report(args) -> int:
     from akod_ray.preflight import check_output_file, check_writable_folder
     from akod_ray.reporting.report import write_report
+    from akod_ray.storage import check_reachable, is_remote, location
 
-    if args.out and Path(args.out).suffix == ".md":
-        check_output_file(args.out, "--out")
+    check_reachable(args.path, "report folder")
+    if args.out and location(args.out).suffix == ".md":
+        if is_remote(args.out):
+            check_writable_folder(location(args.out).parent, "--out")
+        else:
+            check_output_file(args.out, "--out")
     else:
         check_writable_folder(args.out or args.path, "--out" if args.out else "report folder")
     out = write_report(args.path, args.out)

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from akod_ray.errors import AkodError, ConfigError
+from akod_ray.storage import StoragePath, location
 
 SCHEDULES = ("linear", "cosine", "loglinear", "edm", "laplace", "akod", "file")
 DATA_SOURCES = ("cifar10", "procedural")
@@ -556,7 +557,7 @@ class SweepConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "akod"  # run name; the run folder is root/name, and rerunning resumes it
-    root: str = "runs"  # where run folders go (shared or cloud storage on a cluster)
+    root: str = "runs"  # where run folders go: a folder (shared on a cluster) or s3://bucket/prefix, gs://bucket/prefix
     ray_address: str | None = None  # None: join a cluster if RAY_ADDRESS is set, else start a local Ray
     num_cpus: int | None = None  # CPUs a locally started Ray may use (None: all)
     dashboard: bool = True  # start the Ray Dashboard (127.0.0.1 only) with a locally started Ray
@@ -571,8 +572,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_name("run.name", self.name)
         _plain_text("run.root", self.root)
-        _check("://" not in self.root, "run.root",
-               "must be a folder path (on a cluster: a shared filesystem mounted on every node), not a URI", self.root)
+        if "://" in self.root:  # an object store (akod_ray/storage.py); any other scheme is no folder either
+            from akod_ray.storage import SCHEMES, ObjectPath, StorageError
+
+            _check(self.root.split("://", 1)[0] in SCHEMES, "run.root",
+                   "must be a folder path (local, or a shared filesystem mounted on every node) or an s3:// or gs:// "
+                   "URI", self.root)
+            try:
+                ObjectPath(self.root)
+            except StorageError as e:
+                raise ConfigError(f"run.root {e}") from None
         _plain_text("run.ray_address", self.ray_address)
         if self.num_cpus is not None:
             _check(self.num_cpus >= 1, "run.num_cpus", "must be >= 1 or null", self.num_cpus)
@@ -701,8 +710,13 @@ class Config:
                                   f"trial: {e}") from None
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run.root) / self.run.name
+    def run_dir(self) -> StoragePath:
+        """The run folder: a Path, or an ObjectPath when run.root is an s3:// or gs:// URI (akod_ray/storage.py)."""
+        return location(self.run.root) / self.run.name
+
+    @property
+    def sweep_dir(self) -> StoragePath:
+        return location(self.run.root) / self.sweep.name
 
 
 def _valid_laplace(cfg: Config, scale: float, loc: float) -> bool:
@@ -936,16 +950,13 @@ def make_dirs(path: str | Path) -> Path:
     return path
 
 
-def save_config(cfg: Config, run_dir: str | Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
+def save_config(cfg: Config, run_dir: str | Path | StoragePath) -> StoragePath:
+    """Write the resolved config to ``run_dir/config.yaml`` (published whole: akod_ray/storage.py)."""
+    from akod_ray import storage
+
+    path = location(run_dir) / "config.yaml"
     try:
-        make_dirs(run_dir)
-        tmp.write_text(dump_config(cfg))
-        tmp.replace(path)
+        storage.write_text(path, dump_config(cfg))
     except OSError as e:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         raise AkodError(f"cannot write {str(path)!r} (run.root {cfg.run.root!r}): {e.strerror or e}") from None
     return path

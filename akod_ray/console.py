@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, TextIO
 
+from akod_ray import storage
+
 # "(RayTrainWorker pid=12, ip=10.0.0.2) message", possibly wrapped in ANSI colour codes; Ray leaves out the ip of a
 # process on the driver's own node
 FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:(?P<name>[\w.:-]+) )?pid=(?P<pid>\d+)(?:, ip=(?P<ip>[^,)\s]+))?[^)]*\)"
@@ -61,8 +63,10 @@ class RayConsole:
     the driver's node, which Ray leaves out of its prefix (default: Ray's own answer)."""
 
     RESCAN_S = 5.0  # a pid is reused by a later trial on the same node: read the run folders again after this
+    RESCAN_REMOTE_S = 10.0  # the same in an object store, where every listing is a request
 
-    def __init__(self, log_path: Path, runs_dir: Path | None = None, local_node: Callable[[], str | None] | None = None):
+    def __init__(self, log_path: Path, runs_dir: storage.StoragePath | None = None,
+                 local_node: Callable[[], str | None] | None = None):
         self.log_path, self.runs_dir = Path(log_path), runs_dir
         self.local_node = local_node or _ray_node
         self.names: dict[tuple[str | None, str], str] = {}
@@ -120,7 +124,9 @@ class RayConsole:
             return None
         node = ip or self.local_node()
         found = self.names.get((node, pid)) or self.names.get((None, pid))
-        if found is None or time.monotonic() - self.scanned > self.RESCAN_S:
+        since = time.monotonic() - self.scanned
+        if since > (self.RESCAN_REMOTE_S if storage.is_remote(self.runs_dir) else
+                    (0.0 if found is None else self.RESCAN_S)):
             self._scan()
             found = self.names.get((node, pid)) or self.names.get((None, pid))
         return found
@@ -129,27 +135,46 @@ class RayConsole:
         """(node, pid) -> trial name from every run folder's worker files; the newest file wins a (node, pid) that
         several name. A run folder without a node file (written before nodes were recorded) matches any node."""
         self.scanned = time.monotonic()
-        found: dict[tuple[str | None, str], tuple[float, Path]] = {}
-        for path in Path(self.runs_dir).glob("*/workers/rank*.pid"):
+        found: dict[tuple[str | None, str], tuple[float, str]] = {}
+        try:
+            pid_files = _pid_files(self.runs_dir)
+            folders = [e.path.name for e in storage.list_dir(self.runs_dir) if e.is_dir]
+        except OSError:
+            return  # a name is a convenience; never fail a run for it
+        for path, mtime in pid_files:
             try:
-                pid, mtime = path.read_text().strip(), path.stat().st_mtime
-                node_file = path.with_suffix(".node")
-                node = node_file.read_text().strip() if node_file.exists() else None
+                pid = storage.read_text(path).strip()
+                node_file = path.with_name(path.name[:-len(".pid")] + ".node")
+                node = storage.read_text(node_file).strip() if storage.exists(node_file) else None
             except OSError:
                 continue
             if found.get((node, pid), (-math.inf,))[0] < mtime:
-                found[(node, pid)] = (mtime, path.parent.parent)
+                found[(node, pid)] = (mtime, path.parent.parent.name)
         if not found:
             self.names = {}
             return
         # a trial is named by its point (akod_k7_s0), or by its whole folder where points repeat (a search's trials)
-        points = Counter(_point(folder) for folder in Path(self.runs_dir).iterdir())
-        self.names = {key: _point(folder) if points[_point(folder)] == 1 else folder.name
+        points = Counter(_point(folder) for folder in folders)
+        self.names = {key: _point(folder) if points[_point(folder)] == 1 else folder
                       for key, (_, folder) in found.items()}
 
 
-def _point(run_folder: Path) -> str:
-    return run_folder.name.rsplit("-", 1)[0]  # <point>-<run id>
+def _pid_files(runs_dir) -> list[tuple[storage.StoragePath, float]]:
+    """(path, mtime) of every ``<run>/workers/rank<r>.pid`` under a sweep's run folders."""
+    if storage.is_remote(runs_dir):
+        return [(e.path, e.mtime or 0.0) for e in storage.walk_files(runs_dir)
+                if e.path.parent.name == "workers" and re.fullmatch(r"rank\d+\.pid", e.path.name)]
+    out = []
+    for path in Path(runs_dir).glob("*/workers/rank*.pid"):
+        try:
+            out.append((path, path.stat().st_mtime))
+        except OSError:
+            continue
+    return out
+
+
+def _point(run_folder_name: str) -> str:
+    return run_folder_name.rsplit("-", 1)[0]  # <point>-<run id>
 
 
 def _ray_node() -> str | None:

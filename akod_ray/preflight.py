@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from akod_ray import storage
 from akod_ray.config import Config, ConfigError
 from akod_ray.data.parquet import inspect_split
 from akod_ray.errors import AkodError
+from akod_ray.storage import StoragePath, location
 
 
 def _blocked(folder: Path) -> str | None:
@@ -27,8 +29,12 @@ def _blocked(folder: Path) -> str | None:
     return None
 
 
-def check_writable_folder(folder: str | Path, what: str) -> None:
-    """``folder`` is a folder this process may write, or can be created as one."""
+def check_writable_folder(folder: str | StoragePath, what: str) -> None:
+    """``folder`` is a folder this process may write, or can be created as one; in an object store: the endpoint
+    answers, the bucket exists and the credentials may write there (storage.check_writable)."""
+    if storage.is_remote(folder):
+        storage.check_writable(folder, what)
+        return
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AkodError(f"{what} {str(folder)!r} exists and is not a folder")
@@ -58,7 +64,7 @@ def check_data(cfg: Config, data_dir: str | None) -> None:
     train_count = None if cfg.diffusion.schedule == "akod" else d.train_subset
     train_rows = inspect_split(data_dir, "train", train_count, d.seed)
     test_rows = inspect_split(data_dir, "test", d.val_size, d.seed + 1)
-    train_file, test_file = Path(data_dir) / "train.parquet", Path(data_dir) / "test.parquet"
+    train_file, test_file = location(data_dir) / "train.parquet", location(data_dir) / "test.parquet"
     if d.train_subset is not None and d.train_subset > train_rows:
         raise ConfigError(f"data.train_subset must be <= the {train_rows:,} rows of {str(train_file)!r}, "
                           f"got {d.train_subset}")
@@ -125,7 +131,7 @@ def sweep_trial_configs(cfg: Config) -> list[tuple[str, Config]]:
     from akod_ray.config import search_ranges
 
     out = []
-    root = str(Path(cfg.run.root) / cfg.sweep.name / "runs")
+    root = str(cfg.sweep_dir / "runs")
     # a search's trials differ only in the searched fields, and every corner of its box is valid (config.py)
     searched = {key: low for key, (low, _, _) in search_ranges(cfg.sweep.search_space).items()} \
         if cfg.sweep.search == "optuna" else None
@@ -140,14 +146,15 @@ def sweep_trial_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 def preflight_sweep(cfg: Config, data_dir_flag: str | None) -> None:
     """Everything `akod sweep` can check before it writes anything or starts Ray."""
-    from akod_ray.training.trainer import TRAIN_INDEX, check_train_index, data_dir_for
+    from akod_ray.training.trainer import check_train_index, data_dir_for
 
     from akod_ray.tracking import check_tracking
 
-    check_writable_folder(Path(cfg.run.root) / cfg.sweep.name, "sweep folder (run.root/sweep.name)")
+    check_writable_folder(cfg.sweep_dir, "sweep folder (run.root/sweep.name)")
     check_tracking(cfg)
-    for index in sorted((Path(cfg.run.root) / cfg.sweep.name / "runs").glob(f"*/{TRAIN_INDEX}")):  # trials that resume
-        check_train_index(index.parent)
+    for trial in storage.list_dir(cfg.sweep_dir / "runs"):  # trials that resume
+        if trial.is_dir:
+            check_train_index(trial.path)
     trials = sweep_trial_configs(cfg)
     data_dir = data_dir_for(cfg, data_dir_flag)
     checked = set()

@@ -102,12 +102,17 @@ def akod_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "akod_ray", *map(str, args)]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file; a half-written last line (the file is being appended) is skipped."""
-    if not Path(path).exists():
+def read_jsonl(path) -> list[dict]:
+    """Records of a JSON-lines file (a folder or an object store); a half-written last line (the file is being
+    appended) is skipped."""
+    from akod_ray import storage
+
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
         return []
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             try:
                 out.append(json.loads(line))
@@ -116,16 +121,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def interval_records(run_dir: Path) -> list[dict]:
+def interval_records(run_dir) -> list[dict]:
     """The records metrics.jsonl gets every train.log_every steps (not the fid_c10 records beside them)."""
-    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    from akod_ray.storage import location
+
+    return [r for r in read_jsonl(location(run_dir) / "metrics.jsonl") if "loss" in r]
 
 
-def registered_checkpoints(run_dir: Path) -> list[int]:
+def registered_checkpoints(run_dir) -> list[int]:
     """Steps of the checkpoints the Ray Train controller has registered (its snapshot file)."""
-    path = Path(run_dir) / "checkpoint_manager_snapshot.json"
+    from akod_ray import storage
+
     try:
-        snap = json.loads(path.read_text())
+        snap = json.loads(storage.read_text(storage.location(run_dir) / "checkpoint_manager_snapshot.json"))
     except (OSError, json.JSONDecodeError):
         return []
     return sorted(int(r["checkpoint_dir_name"].split("_")[1]) for r in snap.get("checkpoint_results", []))
@@ -148,9 +156,11 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def read_pid(path: Path) -> int | None:
+def read_pid(path) -> int | None:
+    from akod_ray import storage
+
     try:
-        return int(Path(path).read_text().strip())
+        return int(storage.read_text(path).strip())
     except (OSError, ValueError):
         return None
 
@@ -307,7 +317,7 @@ def run_akod(start, args: list[str], timeout: float, name: str = "run") -> tuple
 
 def wait_for_registered_checkpoint(run_dir: Path, run: AkodRun, timeout: float,
                                    mid: Callable[[int], bool] = lambda step: True,
-                                   beyond: int = 0) -> tuple[int, int, int]:
+                                   beyond: int = 0, interval: float = 0.05) -> tuple[int, int, int]:
     """Wait until the Train controller registered a checkpoint and rank 0 logged a step more than
     ``beyond`` steps later, for which ``mid`` holds.
 
@@ -318,15 +328,17 @@ def wait_for_registered_checkpoint(run_dir: Path, run: AkodRun, timeout: float,
     worker's next report blocks while its previous one waits in the queue, at the first
     registration the worker is at most two checkpoint intervals further.
     """
+    from akod_ray.storage import location
+
     def ready():
         ckpts = registered_checkpoints(run_dir)
         logged = [r["step"] for r in interval_records(run_dir)]
-        pid = read_pid(Path(run_dir) / "workers" / "rank0.pid")
+        pid = read_pid(location(run_dir) / "workers" / "rank0.pid")
         if ckpts and logged and pid and ckpts[-1] + beyond < logged[-1] and mid(logged[-1]) and pid_alive(pid):
             return ckpts[-1], logged[-1], pid
         return None
 
-    return wait_until(ready, timeout, "a registered checkpoint followed by a logged step", interval=0.05, run=run)
+    return wait_until(ready, timeout, "a registered checkpoint followed by a logged step", interval=interval, run=run)
 
 
 def check_ray_worker(pid: int, run: AkodRun) -> None:

@@ -34,8 +34,11 @@ DOCKER_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 # GPU instance types this project targets, and their GPU count.
 AWS_GPU_TYPES = {"p4d.24xlarge": 8, "p4de.24xlarge": 8}
 # The shared filesystem (EFS / Filestore over NFS) every node mounts, host and container alike;
-# run.root and AKOD_DATA_DIR live on it (akod's run.root is a folder path, never a URI).
+# run.root and AKOD_DATA_DIR live on it. The bucket variants (AKOD_DATA_DIR=s3://... or gs://...) mount
+# nothing and give every node credentials for the bucket instead (an instance profile, a service account).
 SHARED_ROOT = "/mnt/akod-shared"
+BUCKET_SCHEMES = {"aws": "s3", "gcp": "gs"}
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 CLUSTER_SWEEP_CONFIG = ROOT / "tune_configs" / "cifar10_a100.yaml"
 
 
@@ -175,7 +178,6 @@ def cluster_problems(cfg: dict) -> list[str]:
     provider = cfg["provider"]["type"]
     node_types = cfg["available_node_types"]
     head = cfg["head_node_type"]
-    workers = {k: v for k, v in node_types.items() if k != head}
 
     # Dashboard and jobs API on localhost only; token authentication everywhere.
     head_cmd = ray_start(cfg.get("head_start_ray_commands", []), head=True)
@@ -208,7 +210,10 @@ def cluster_problems(cfg: dict) -> list[str]:
 
     # Results on a shared filesystem: every node mounts it on the host (NFS, before Docker
     # starts) and bind-mounts it into the container at the same path; the data is on it too.
-    # run.root cannot be a URI, so no s3:// / gs:// "storage path" may pretend otherwise.
+    # Or, the bucket variant: the data (and run.root) in the provider's object store, credentials from
+    # the node's own identity, never keys in the config.
+    if storage_kind(cfg) == "bucket":
+        return p + bucket_problems(cfg) + common_problems(cfg, head, head_cmd, worker_cmd)
     for node_type in node_types:
         init = initialization_commands_for(cfg, node_type)
         mounts = [m for c in init for m in nfs_mounts(c) if m[2].rstrip("/") == SHARED_ROOT]
@@ -236,7 +241,55 @@ def cluster_problems(cfg: dict) -> list[str]:
             p.append(f"data: docker run options of {node_type} must set AKOD_DATA_DIR under {SHARED_ROOT}, got {data!r}")
         for key, value in {**docker_env(words), **head_env, **worker_env}.items():
             if re.match(r"^[a-z0-9]+://", value) and key.startswith("AKOD"):
-                p.append(f"storage: {key}={value} is a URI; run.root and the data must be paths on {SHARED_ROOT}")
+                p.append(f"storage: {key}={value} is a URI; the shared variant keeps run.root and the data on {SHARED_ROOT}")
+    return p + common_problems(cfg, head, head_cmd, worker_cmd)
+
+
+def storage_kind(cfg: dict) -> str:
+    """"bucket" when the nodes read their data from an object store (AKOD_DATA_DIR is a URI), else "shared"."""
+    datas = {docker_env(run_options_for(cfg, nt)).get("AKOD_DATA_DIR", "") for nt in cfg["available_node_types"]}
+    return "bucket" if any(re.match(r"^[a-z0-9]+://", d) for d in datas) else "shared"
+
+
+def bucket_problems(cfg: dict) -> list[str]:
+    """The bucket variant: every node reads the same bucket of the provider's store, with credentials of its own
+    identity (no keys in the config), and nothing to mount."""
+    p: list[str] = []
+    provider = cfg["provider"]["type"]
+    scheme = BUCKET_SCHEMES.get(provider)
+    for node_type, nt in cfg["available_node_types"].items():
+        words = run_options_for(cfg, node_type)
+        env = docker_env(words)
+        data = env.get("AKOD_DATA_DIR", "")
+        if not data.startswith(f"{scheme}://"):
+            p.append(f"bucket: docker run options of {node_type} must set AKOD_DATA_DIR to a {scheme}:// URI, got {data!r}")
+        if [m for c in initialization_commands_for(cfg, node_type) for m in nfs_mounts(c)]:
+            p.append(f"bucket: {node_type} mounts a shared filesystem; the bucket variant keeps everything in the bucket")
+        nc = nt.get("node_config") or {}
+        if provider == "aws" and not (nc.get("IamInstanceProfile") or {}).get("Arn", (nc.get("IamInstanceProfile") or {}).get("Name")):
+            p.append(f"bucket: {node_type} has no IamInstanceProfile (its credentials for the bucket)")
+        if provider == "gcp":
+            scopes = [s for a in nc.get("serviceAccounts") or [] for s in a.get("scopes", [])]
+            if not any("devstorage" in s or "cloud-platform" in s for s in scopes):
+                p.append(f"bucket: {node_type} has no service account with a Cloud Storage scope")
+    datas = {docker_env(run_options_for(cfg, nt)).get("AKOD_DATA_DIR") for nt in cfg["available_node_types"]}
+    if len(datas) != 1:
+        p.append(f"bucket: the nodes read different data folders {sorted(map(str, datas))}")
+    commands = [c for key in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands",
+                              "initialization_commands") for c in cfg.get(key) or []]
+    texts = commands + [w for nt in cfg["available_node_types"] for w in run_options_for(cfg, nt)]
+    for name in SECRET_VARIABLES:
+        if any(name in t for t in texts):
+            p.append(f"bucket: {name} is set in the config; credentials come from the nodes' identity, not keys")
+    return p
+
+
+def common_problems(cfg: dict, head: str, head_cmd: str, worker_cmd: str) -> list[str]:
+    """The rules of both storage variants: resources, GPUs, spot, image, /dev/shm, network."""
+    p: list[str] = []
+    provider = cfg["provider"]["type"]
+    node_types = cfg["available_node_types"]
+    workers = {k: v for k, v in node_types.items() if k != head}
 
     # Trial drivers on the CPU head (custom resource), GPUs on workers only.
     head_res = node_types[head].get("resources") or {}
@@ -324,8 +377,31 @@ def cluster_problems(cfg: dict) -> list[str]:
 
 def test_cluster_configs_exist():
     names = {c.name for c in CONFIGS}
-    assert {"a100.yaml", "gcp-a2.yaml"} <= names, names
+    assert {"a100.yaml", "gcp-a2.yaml", "a100-s3.yaml"} <= names, names
     assert load(CLUSTER_DIR / "a100.yaml")["cluster_name"] == "akod-a100"
+    assert storage_kind(load(CLUSTER_DIR / "a100.yaml")) == "shared"
+    assert storage_kind(load(CLUSTER_DIR / "a100-s3.yaml")) == "bucket"
+
+
+def test_the_bucket_variant_differs_from_the_shared_one_in_storage_only():
+    """a100-s3.yaml is a100.yaml with the bucket in place of the EFS: the same nodes, image, resources, start
+    commands and network rules."""
+    shared, bucket = load(CLUSTER_DIR / "a100.yaml"), load(CLUSTER_DIR / "a100-s3.yaml")
+    for key in ("max_workers", "head_node_type", "file_mounts", "head_start_ray_commands", "worker_start_ray_commands",
+                "setup_commands"):
+        assert shared[key] == bucket[key], key
+    for name, nt in shared["available_node_types"].items():
+        other = bucket["available_node_types"][name]
+        assert {k: v for k, v in nt["node_config"].items() if k != "IamInstanceProfile"} == \
+            {k: v for k, v in other["node_config"].items() if k != "IamInstanceProfile"}
+        assert nt["resources"] == other["resources"]
+    assert shared["docker"]["image"] == bucket["docker"]["image"]
+    broken = copy.deepcopy(bucket)
+    del broken["available_node_types"]["ray.worker.p4d"]["node_config"]["IamInstanceProfile"]
+    broken["docker"]["run_options"].append("-e AWS_SECRET_ACCESS_KEY=oops")
+    problems = cluster_problems(broken)
+    assert any("ray.worker.p4d has no IamInstanceProfile" in x for x in problems), problems
+    assert any("AWS_SECRET_ACCESS_KEY is set in the config" in x for x in problems), problems
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda c: c.name)

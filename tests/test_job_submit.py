@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from ray_cluster import OwnedRayProcesses, free_ports, proc_table, signal_pid, start_time_now
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -48,110 +50,6 @@ SCRUBBED_ENV = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUT
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "*.egg-info", "__pycache__", ".pytest_cache"]
 
 pytestmark = pytest.mark.slow
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _proc_table() -> dict[int, dict]:
-    """pid -> {ppid, sid, start, cmd} for every process visible in /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # fields from 3 (state) on
-        table[pid] = {"ppid": int(fields[1]), "sid": int(fields[3]), "start": int(fields[19]), "cmd": cmd,
-                      "zombie": fields[0] == "Z"}
-    return table
-
-
-def _descendants(table: dict[int, dict], roots: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, info in table.items():
-        children.setdefault(info["ppid"], []).append(pid)
-    out, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in out:
-            continue
-        out.add(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-class OwnedRayHead:
-    """The processes of one `ray start --head`, found without psutil and killed by PID."""
-
-    def __init__(self, temp_dir: str, start_sid: int, start_time: int):
-        self.temp_dir = temp_dir
-        self.start_sid = start_sid  # the `ray start` process ran in its own session
-        self.start_time = start_time
-        self.seen: dict[int, int] = {}  # pid -> start time, every process ever recorded
-
-    def scan(self) -> set[int]:
-        table = _proc_table()
-        me = os.getpid()
-        roots = {pid for pid, p in table.items()
-                 if p["start"] >= self.start_time
-                 and (self.temp_dir in p["cmd"] or p["sid"] == self.start_sid
-                      or self.seen.get(pid) == p["start"])}
-        owned = _descendants(table, roots) - {me, os.getppid()}
-        for pid in owned:
-            self.seen[pid] = table[pid]["start"]
-        return {pid for pid in owned if not table[pid]["zombie"]}
-
-    def kill(self, grace_s: float = 10.0) -> set[int]:
-        """SIGTERM every owned process, SIGKILL what is left after grace_s; returns survivors."""
-        pids = self.scan()
-        for pid in pids:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            pids = self.scan()
-            if not pids:
-                return set()
-            time.sleep(0.5)
-        table = _proc_table()
-        print(f"SIGKILL after {grace_s:.0f} s: " + "; ".join(f"{pid} {table.get(pid, {}).get('cmd', '?')[:80]}" for pid in pids))
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
-        time.sleep(1.0)
-        return self.scan()
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _start_time_now() -> int:
-    """Now, less a second, in /proc's start-time units (clock ticks since boot)."""
-    with open("/proc/uptime") as f:
-        uptime = float(f.read().split()[0])
-    return int((uptime - 1.0) * os.sysconf("SC_CLK_TCK"))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 # --------------------------------------------------------------------------- the head
@@ -182,7 +80,7 @@ def ray_head():
     token_path = Path(temp_dir) / "auth_token"
     token_path.write_text(token)
     token_path.chmod(0o600)
-    gcs, dash, client, agent_http, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client, agent_http, agent_grpc, metrics, env_agent, node_mgr, obj_mgr = free_ports(9)
     env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     cmd = [RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
@@ -191,16 +89,16 @@ def ray_head():
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
            f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}",
            f"--object-manager-port={obj_mgr}", "--disable-usage-stats"]
-    start_time = _start_time_now()
+    start_time = start_time_now()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    owned = OwnedRayHead(temp_dir, start_sid=proc.pid, start_time=start_time)
+    owned = OwnedRayProcesses(temp_dir, start_sid=proc.pid, start_time=start_time)
     address = f"http://127.0.0.1:{dash}"
     try:
         try:
             out, _ = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:
-            _signal(proc.pid, signal.SIGKILL)
+            signal_pid(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             pytest.fail(f"`ray start --head` did not return in 180 s:\n{out[-3000:]}")
         owned.scan()
@@ -223,7 +121,7 @@ def ray_head():
     finally:
         survivors = owned.kill()
         if survivors:
-            table = _proc_table()
+            table = proc_table()
             left = {pid: table.get(pid, {}).get("cmd", "?")[:200] for pid in survivors}
             pytest.fail(f"Ray processes of the test head survived SIGKILL: {left}")
         shutil.rmtree(temp_dir, ignore_errors=True)  # session logs, sockets, unpacked working_dirs

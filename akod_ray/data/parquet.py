@@ -17,23 +17,30 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from akod_ray import storage
 from akod_ray.config import IMAGE_SIZE
 from akod_ray.errors import DataError
+from akod_ray.storage import StoragePath, location
 
 SPLITS = ("train", "test")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "akod_ray" / "cifar10"
 
 
-def resolve_data_dir(flag: str | None = None, configured: str | None = None, download: bool = True) -> Path:
+def resolve_data_dir(flag: str | None = None, configured: str | None = None, download: bool = True) -> StoragePath:
     """The data folder: the CLI flag, then the config's data.data_dir, then AKOD_DATA_DIR, then the cache.
+    Each may be a folder or an object store prefix (``s3://bucket/cifar10``: akod_ray/storage.py).
 
     A missing cache is filled by downloading CIFAR-10 (``akod data prepare``); without network,
     the error says how to point at a local copy.
     """
     for source, value in (("--data-dir", flag), ("data.data_dir", configured), ("AKOD_DATA_DIR", os.environ.get("AKOD_DATA_DIR"))):
         if value:
-            path = Path(value).expanduser()
-            if not (path / "train.parquet").is_file():
+            try:
+                path = location(value).expanduser()
+            except storage.StorageError as e:
+                raise DataError(f"data folder (from {source}): {e}") from None
+            storage.check_reachable(path, f"data folder (from {source})")
+            if not storage.is_file(path / "train.parquet"):
                 raise DataError(f"data folder {str(path)!r} (from {source}) has no train.parquet")
             return path
     if (CACHE_DIR / "train.parquet").is_file():
@@ -51,13 +58,18 @@ def resolve_data_dir(flag: str | None = None, configured: str | None = None, dow
         ) from None
 
 
-def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+def _read_table(path: StoragePath, columns: list[str] | None = None) -> pa.Table:
     """The file's table, with its schema checked: a binary ``image`` column and an integer ``label``
     column without nulls, and at least one row."""
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist" if not path.exists() else f"data file {str(path)!r} is not a file")
+    if not storage.is_file(path):
+        raise DataError(f"data file {str(path)!r} does not exist" if not storage.exists(path)
+                        else f"data file {str(path)!r} is not a file")
     try:
-        table = pq.read_table(path, columns=columns)
+        if storage.is_remote(path):
+            fs, fs_path = storage.fs_and_path(path)
+            table = pq.read_table(fs_path, columns=columns, filesystem=fs)
+        else:
+            table = pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"data file {str(path)!r} is not a readable Parquet file: {_first_line(e)}") from None
     check_schema(path, table.schema)
@@ -74,7 +86,7 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def check_schema(path: Path, schema: pa.Schema) -> None:
+def check_schema(path: StoragePath, schema: pa.Schema) -> None:
     missing = {"image", "label"} - set(schema.names)
     if missing:
         raise DataError(f"data file {str(path)!r} lacks column(s) {sorted(missing)}")
@@ -111,7 +123,7 @@ def inspect_split(folder: str | Path, split: str, count: int | None = None, seed
     Returns the file's row count.
 
     The driver calls this before Ray starts, so a wrong file fails in one line and not in a worker."""
-    path = Path(folder) / f"{split}.parquet"
+    path = location(folder) / f"{split}.parquet"
     table = _read_table(path, ["image", "label"])
     idx = subset_indices(table.num_rows, count, seed)
     column = table.column("image") if idx is None else table.column("image").take(pa.array(idx))
@@ -134,7 +146,7 @@ def load_images(folder: str | Path, split: str = "train", count: int | None = No
     Every image must have the size of the first one, or ``size`` x ``size`` when given (training: IMAGE_SIZE)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = Path(folder) / f"{split}.parquet"
+    path = location(folder) / f"{split}.parquet"
     table = _read_table(path)
     idx = subset_indices(table.num_rows, count, seed)
     if idx is not None:

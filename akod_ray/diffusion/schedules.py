@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from akod_ray import storage
 from akod_ray.errors import ConfigError, DataError
 
 MAX_BETA = 0.999
@@ -159,19 +160,12 @@ def validate_betas(betas: torch.Tensor, T: int | None = None, name: str = "sched
     return betas
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def save_schedule(path: str | Path, betas: torch.Tensor, **meta) -> Path:
     """Write a schedule file (JSON: betas and provenance), atomically, and beside it the same schedule in
     diffusers' format (:func:`save_diffusers_config`, ``scheduler_config.json`` in the same folder)."""
     betas = validate_betas(betas)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps({"T": int(betas.shape[0]), "betas": betas.tolist(), **meta}))
+    path = storage.location(path)
+    storage.write_text(path, json.dumps({"T": int(betas.shape[0]), "betas": betas.tolist(), **meta}))
     save_diffusers_config(path.parent, betas, schedule_file=path.name, **meta)
     return path
 
@@ -204,10 +198,8 @@ def diffusers_config(betas: torch.Tensor, **meta) -> dict:
 def save_diffusers_config(folder: str | Path, betas: torch.Tensor, **meta) -> Path:
     """Write ``folder/scheduler_config.json`` (:func:`diffusers_config`) atomically, so that
     ``DPMSolverMultistepScheduler.from_pretrained(folder)`` (or UniPC, Euler, Heun, DDIM) loads the schedule."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / DIFFUSERS_CONFIG
-    _write_atomically(path, json.dumps(diffusers_config(betas, **meta), indent=1))
+    path = storage.location(folder) / DIFFUSERS_CONFIG
+    storage.write_text(path, json.dumps(diffusers_config(betas, **meta), indent=1))
     return path
 
 
@@ -216,12 +208,12 @@ MAX_SCHEDULE_BYTES = 16 << 20  # betas of T = 100,000 steps (the config's limit)
 
 def load_schedule(path: str | Path, T: int | None = None) -> torch.Tensor:
     """Read a schedule file written by :func:`save_schedule` and validate it (a DataError naming the file)."""
-    path = Path(path)
+    path = storage.location(path)
     where = f"schedule file {str(path)!r}"
     try:
-        if path.stat().st_size > MAX_SCHEDULE_BYTES:
+        if (storage.size(path) or 0) > MAX_SCHEDULE_BYTES:
             raise DataError(f"{where} is larger than {MAX_SCHEDULE_BYTES:,} bytes; a schedule file holds T betas")
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(storage.read_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{where} does not exist") from None
     except OSError as e:  # a folder, no permission, an I/O error

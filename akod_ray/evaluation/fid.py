@@ -23,6 +23,7 @@ and statistics of different feature spaces refuse to be compared.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import warnings
 import zipfile
@@ -33,6 +34,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from akod_ray import storage
 from akod_ray.errors import AkodError, DataError
 from akod_ray.progress import progress
 
@@ -68,20 +70,11 @@ class FeatureStats:
         raise AkodError(f"unknown FID implementation {self.implementation!r}")
 
     def save(self, path: str | Path) -> Path:
-        """Write an .npz (mu, sigma, n, source, implementation) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), source=np.str_(self.source),
-                         implementation=np.str_(self.implementation))
-            tmp.replace(path)
-        except BaseException:  # leave no half-written statistics behind
-            if tmp.is_file():
-                tmp.unlink()
-            raise
-        return path
+        """Write an .npz (mu, sigma, n, source, implementation), published whole (a folder or an object store)."""
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), source=np.str_(self.source),
+                 implementation=np.str_(self.implementation))
+        return storage.write_bytes(path, buf.getvalue())
 
 
 def statistics(acts: np.ndarray, source: str = "", implementation: str = "") -> FeatureStats:
@@ -108,16 +101,17 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 
 def load_reference_stats(path: str | Path) -> FeatureStats:
     """Read statistics written by :meth:`FeatureStats.save`; a missing or corrupt file is a DataError."""
-    path = Path(path)
-    if not path.is_file():
+    path = storage.location(path)
+    if not storage.is_file(path):
         raise DataError(f"reference statistics {str(path)!r} do not exist; compute them with `akod fid stats`")
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError("not an .npz archive")
-        with z:
-            stats = FeatureStats(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), int(z["n"]),
-                                 str(z["source"]), str(z["implementation"]))
+        with storage.local_copy(path) as local:
+            z = np.load(local, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            with z:
+                stats = FeatureStats(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), int(z["n"]),
+                                     str(z["source"]), str(z["implementation"]))
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
         raise DataError(f"reference statistics {str(path)!r} are corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     d = stats.mu.shape

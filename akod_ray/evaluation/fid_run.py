@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from akod_ray import storage
 from akod_ray.config import Config
 from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.errors import AkodError
@@ -188,8 +189,8 @@ def prepare_inception_reference(cfg: Config, data_dir: str | Path | None, folder
     if cfg.eval.inception_ref:
         F.check_reference(F.load_reference_stats(cfg.eval.inception_ref), cfg.eval.inception_ref)
         return cfg
-    path = Path(folder) / INCEPTION_REF_FILE
-    if not path.is_file():
+    path = storage.location(folder) / INCEPTION_REF_FILE
+    if not storage.is_file(path):
         from akod_ray.data.sources import load_training_data
 
         images = load_training_data(cfg, data_dir).train

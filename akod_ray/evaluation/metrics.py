@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from akod_ray import storage
 from akod_ray.errors import DataError
 
 
@@ -20,10 +21,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     A truncated last line (a run killed while writing) is skipped; a corrupt line elsewhere is
     a DataError naming the file and line.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = storage.location(path)
+    if not storage.is_file(path):
         raise DataError(f"metrics file {str(path)!r} does not exist")
-    lines = path.read_text().splitlines()
+    lines = storage.read_text(path).splitlines()
     records = []
     for i, line in enumerate(lines):
         if not line.strip():

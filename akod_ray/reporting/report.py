@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import shutil
 import statistics as stats_
 import tempfile
@@ -22,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from akod_ray import storage
 from akod_ray.diffusion.schedules import MAX_SCHEDULE_BYTES, load_schedule
 from akod_ray.errors import DataError
 from akod_ray.evaluation.metrics import last_value, read_metrics, series, time_to_target
 from akod_ray.progress import progress
 from akod_ray.reporting.plots import plot_metric_vs_time, plot_schedules
+from akod_ray.storage import ObjectPath, StoragePath, location
 
 MISSING = "—"
 REPORT_NAME = "report.md"
@@ -35,12 +38,12 @@ FILES_DIR = "report_files"
 
 @dataclass
 class Run:
-    path: Path
+    path: StoragePath
     name: str  # relative to the report's root
     config: dict
     records: list[dict]
     schedule: torch.Tensor | None = None
-    grid: Path | None = None
+    grid: StoragePath | None = None
     problems: list[str] = field(default_factory=list)
 
     def cfg(self, section: str, key: str, default=None):
@@ -92,13 +95,13 @@ def _number(value) -> float | None:
     return float(value)
 
 
-def read_run_config(path: Path, problems: list[str]) -> dict:
+def read_run_config(path: StoragePath, problems: list[str]) -> dict:
     """A run's config.yaml as plain sections; what cannot be read becomes a problem line, not an error
     (the report still covers the run's metrics)."""
     from akod_ray.config import parse_yaml
 
     try:
-        config = parse_yaml(path.read_bytes().decode("utf-8")) or {}
+        config = parse_yaml(storage.read_bytes(path).decode("utf-8")) or {}
     except (OSError, ValueError) as e:
         problems.append(f"config.yaml unreadable: {' '.join(str(e).split())[:200]}")
         return {}
@@ -111,23 +114,23 @@ def read_run_config(path: Path, problems: list[str]) -> dict:
     return {str(k): v for k, v in config.items() if isinstance(v, dict)}
 
 
-def find_runs(root: str | Path) -> list[Path]:
+def find_runs(root: str | StoragePath) -> list[StoragePath]:
     """Run folders (config.yaml beside metrics.jsonl) at or under ``root``, sorted."""
-    root = Path(root)
-    return sorted({p.parent for p in root.rglob("metrics.jsonl") if (p.parent / "config.yaml").is_file()})
+    files = {e.path for e in storage.walk_files(root)}
+    return sorted({p.parent for p in files if p.name == "metrics.jsonl" and p.parent / "config.yaml" in files})
 
 
-def _learned(path: Path) -> bool:
+def _learned(path: StoragePath) -> bool:
     """Is this schedule.json a learned one? Every run writes one; the AKOD driver marks its own ``"source": "akod"``
     (a fixed arm's names its schedule). A file that cannot be read is left to :func:`load_schedule` to report."""
     try:
-        head = json.loads(path.read_bytes()[:MAX_SCHEDULE_BYTES].decode("utf-8"))
+        head = json.loads(storage.read_bytes(path)[:MAX_SCHEDULE_BYTES].decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return True
     return not isinstance(head, dict) or head.get("source", "akod") == "akod"
 
 
-def load_run(run_dir: Path, root: Path) -> Run:
+def load_run(run_dir: StoragePath, root: StoragePath) -> Run:
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     run = Run(run_dir, name, {}, [])
     run.config = read_run_config(run_dir / "config.yaml", run.problems)
@@ -135,12 +138,13 @@ def load_run(run_dir: Path, root: Path) -> Run:
         run.records = read_metrics(run_dir / "metrics.jsonl")
     except DataError as e:
         run.problems.append(str(e))
-    if (run_dir / "schedule.json").is_file() and _learned(run_dir / "schedule.json"):
+    if storage.is_file(run_dir / "schedule.json") and _learned(run_dir / "schedule.json"):
         try:
             run.schedule = load_schedule(run_dir / "schedule.json")
         except DataError as e:
             run.problems.append(str(e))
-    grids = sorted((run_dir / "samples").glob("grid_*.png"))
+    grids = sorted(e.path for e in storage.list_dir(run_dir / "samples")
+                   if not e.is_dir and e.path.name.startswith("grid_") and e.path.name.endswith(".png"))
     run.grid = grids[-1] if grids else None
     return run
 
@@ -243,15 +247,16 @@ def run_row(run: Run, t_loss: Target, t_quality: Target, with_fid: bool) -> list
     return row
 
 
-def write_report(path: str | Path, out: str | Path | None = None, target_ref_loss: float | None = None,
-                 target_fid: float | None = None) -> Path:
+def write_report(path: str | StoragePath, out: str | StoragePath | None = None, target_ref_loss: float | None = None,
+                 target_fid: float | None = None) -> StoragePath:
     """Write ``report.md`` (and PNG plots in ``report_files/``) for a run or sweep folder; return its path.
 
     ``out`` is a folder or a ``.md`` file (default: ``path/report.md``). Targets default to the
-    runs' eval.target_ref_loss / eval.target_fid, else the lowest value every run reached.
+    runs' eval.target_ref_loss / eval.target_fid, else the lowest value every run reached. Either may be
+    in an object store (akod_ray/storage.py): the plots are drawn locally and uploaded, report.md last.
     """
-    root = Path(path)
-    if not root.is_dir():
+    root = location(path)
+    if not storage.is_dir(root):
         raise DataError(f"report: {str(root)!r} is not a folder")
     run_dirs = find_runs(root)
     if not run_dirs:
@@ -262,12 +267,14 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
             runs.append(load_run(d, root))
             bar.update(1)
 
-    out = Path(out) if out is not None else root
+    out = location(out) if out is not None else root
     md_path = out if out.suffix == ".md" else out / REPORT_NAME
     files = md_path.parent / FILES_DIR
+    remote = storage.is_remote(md_path)
     try:
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{FILES_DIR}.", dir=md_path.parent))  # renamed to files/ at the end
+        storage.make_dirs(md_path.parent)
+        # plots are drawn here and put in place of files/ at the end: renamed locally, uploaded to an object store
+        staging = Path(tempfile.mkdtemp(prefix=f".{FILES_DIR}.", dir=None if remote else md_path.parent))
         staging.chmod(0o755)  # mkdtemp makes it private; a report is for reading
     except OSError as e:  # what a permission check cannot see: a read-only file system, /proc, a full disk
         raise DataError(f"report: cannot write into {str(md_path.parent)!r}: {e.strerror or e}") from None
@@ -275,24 +282,26 @@ def write_report(path: str | Path, out: str | Path | None = None, target_ref_los
         lines = _report_lines(root, runs, md_path, files, staging, target_ref_loss, target_fid)
         _publish(staging, files)
     except BaseException as e:  # nothing half-written: the plots of a failed report never replace the last ones
-        shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):
             raise DataError(f"report: cannot write the plots into {str(files)!r}: {e.strerror or e}") from None
         raise
-    tmp = md_path.with_name(md_path.name + ".tmp")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     try:
-        tmp.write_text("\n".join(lines))
-        tmp.replace(md_path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise DataError(f"report: cannot write {str(md_path)!r}: {e.strerror or e}") from None
-        raise
+        storage.write_text(md_path, "\n".join(lines))
+    except OSError as e:
+        raise DataError(f"report: cannot write {str(md_path)!r}: {e.strerror or e}") from None
     return md_path
 
 
-def _publish(staging: Path, files: Path) -> None:
-    """Put the freshly drawn plots in place of the old ones (two renames)."""
+def _publish(staging: Path, files: StoragePath) -> None:
+    """Put the freshly drawn plots in place of the old ones: two renames locally; in an object store, the
+    old plots deleted and the new ones uploaded (report.md, written after them, links them)."""
+    if isinstance(files, ObjectPath):
+        storage.delete_tree(files)
+        for f in sorted(staging.iterdir()):
+            storage.upload_file(f, files / f.name)
+        return
     old = files.with_name(files.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if files.exists():
@@ -301,14 +310,17 @@ def _publish(staging: Path, files: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _report_lines(root: Path, runs: list[Run], md_path: Path, files: Path, staging: Path,
+def _report_lines(root: StoragePath, runs: list[Run], md_path: StoragePath, files: StoragePath, staging: Path,
                   target_ref_loss: float | None, target_fid: float | None) -> list[str]:
     """The report's Markdown lines; plots are drawn into ``staging`` and linked as they will lie in ``files``."""
 
-    def rel(p: Path) -> str:
+    def rel(p: StoragePath) -> str:
         if p.parent == staging:
             p = files / p.name
-        return Path(os.path.relpath(p, md_path.parent)).as_posix()
+        if isinstance(p, ObjectPath) and isinstance(md_path, ObjectPath) and p.scheme == md_path.scheme:
+            return posixpath.relpath(p.key, md_path.parent.key)
+        return str(p) if isinstance(p, ObjectPath) or isinstance(md_path, ObjectPath) else \
+            Path(os.path.relpath(p, md_path.parent)).as_posix()
 
     with_fid = any(series(r.records, "fid")[1] for r in runs)
     quality = "fid" if with_fid else "fid_c10"

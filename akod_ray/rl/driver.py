@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from akod_ray import storage
 from akod_ray.config import Config, save_config
 from akod_ray.data.parquet import to_model_range
 from akod_ray.diffusion.dko import DKOContext
@@ -92,15 +93,13 @@ def _plain(v):
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+    storage.append_jsonl(path, {k: _plain(v) for k, v in record.items()})
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
+    if not storage.exists(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def _ended(training_alive: Callable[[], bool], grace_s: float = 10.0) -> bool:
@@ -193,7 +192,7 @@ def train_akod(cfg: Config, data_dir: str | None, run_id: str | None = None, cal
     broker = get_or_create_broker(run_id)  # this process owns the actor: keep the handle alive
     client = BrokerClient(broker, cfg.rl.broker_timeout_s)
     broker_state = run_dir / "rl" / "broker_state.pt"
-    if broker_state.exists():
+    if storage.exists(broker_state):
         client.set_state(load_broker_state(broker_state), only_if_fresh=True)
     algo = build_ppo(cfg, make_env_config(cfg, run_id))
     dko = resume_policy(algo, run_dir)

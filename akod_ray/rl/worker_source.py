@@ -27,13 +27,13 @@ replay   (rank 0's own, after a restart) a window the killed group trained and a
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from pathlib import Path
 
 import torch
 
+from akod_ray import storage
 from akod_ray.config import Config
 from akod_ray.data.parquet import to_model_range
 from akod_ray.diffusion.dko import DKO, DKOContext, DKOPolicy, NoiseBins, anchor_betas, learned_schedule, log_sigma_local
@@ -158,7 +158,7 @@ class BrokerSchedule:
         self.process = prior_process(cfg)
         self.first_request = True
         self.last_beat = 0.0
-        self.run_dir = None if run_dir is None or env.rank != 0 else Path(run_dir)
+        self.run_dir = None if run_dir is None or env.rank != 0 else storage.location(run_dir)
         self.posted_log = None if self.run_dir is None else self.run_dir / "rl" / "posted.jsonl"
         self._written: torch.Tensor | None = None  # the betas rank 0 last wrote to schedule.json
         self._requests: dict[int, dict] = {}  # rank 0: the requests taken and not yet answered
@@ -302,9 +302,7 @@ class BrokerSchedule:
                "window_context": request.get("context")}
         self.client.post_result(segment.request_id, out)
         if self.posted_log is not None:
-            self.posted_log.parent.mkdir(parents=True, exist_ok=True)
-            with self.posted_log.open("a") as f:
-                f.write(json.dumps({k: v for k, v in out.items() if k != "slots"}) + "\n")
+            storage.append_jsonl(self.posted_log, {k: v for k, v in out.items() if k != "slots"})
 
     def heartbeat(self, step: int) -> None:
         if self.client is not None and time.monotonic() - self.last_beat > HEARTBEAT_EVERY_S:

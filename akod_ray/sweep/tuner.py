@@ -15,6 +15,7 @@ fresh Tune experiment under its old run id, so its Train run resumes from its la
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -25,8 +26,10 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from akod_ray import storage
 from akod_ray.config import Config, config_from_dict, config_to_dict, load_config, save_config, search_ranges, show
 from akod_ray.errors import AkodError, ConfigError, one_line, root_cause
+from akod_ray.storage import StoragePath, location
 from akod_ray.sweep.search import (ProgressReportCallback, StoppedTrialSummaries, best_line, make_scheduler,
                                    make_searcher, plan_search, run_id_of, searched_values, values_key)
 from akod_ray.sweep.trial import point_name, referee, search_space, summarize, trial_config
@@ -77,9 +80,9 @@ def table_columns(rows: list[dict], fid: str = "both", searched: tuple[str, ...]
     return columns[:1] + list(searched) + columns[1:]
 
 
-def write_table(rows: list[dict], sweep_dir: Path, fid: str = "both", searched: tuple[str, ...] = (),
-                metric: str = "fid_c10") -> tuple[Path, Path]:
-    """The sweep table, one row per trial, as CSV and Markdown (each written to a temporary name and renamed);
+def write_table(rows: list[dict], sweep_dir: StoragePath, fid: str = "both", searched: tuple[str, ...] = (),
+                metric: str = "fid_c10") -> tuple[StoragePath, StoragePath]:
+    """The sweep table, one row per trial, as CSV and Markdown (each published whole: akod_ray/storage.py);
     ``fid``: eval.fid (:func:`table_columns`). A search's table lists its trials best first (lowest ``metric``)."""
     if searched:
         rows = sorted(rows, key=lambda r: (not _finite(r.get(metric)), r.get(metric) if _finite(r.get(metric)) else 0))
@@ -87,17 +90,14 @@ def write_table(rows: list[dict], sweep_dir: Path, fid: str = "both", searched: 
         rows = sorted(rows, key=lambda r: (str(r.get("arm")), r.get("kernel_size") or 0, r.get("seed") or 0))
     columns = table_columns(rows, fid, searched)
     csv_path, md_path = sweep_dir / "sweep_table.csv", sweep_dir / "sweep_table.md"
-    csv_tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with csv_tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    csv_tmp.replace(csv_path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(csv_path, text.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    md_tmp = md_path.with_name(md_path.name + ".tmp")
-    md_tmp.write_text("\n".join(lines) + "\n")
-    md_tmp.replace(md_path)
+    storage.write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -174,44 +174,43 @@ def sweep_trial_fn(base_dict: dict, run_root: str, data_dir: str | None, resume_
     return akod_trial
 
 
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    path = Path(run_dir) / SUMMARY_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary))
-    tmp.replace(path)
-    return path
+def write_summary(run_dir: StoragePath, summary: dict) -> StoragePath:
+    return storage.write_text(location(run_dir) / SUMMARY_FILE, json.dumps(summary))
 
 
-def read_summary(run_dir: Path) -> dict | None:
+def read_summary(run_dir: StoragePath) -> dict | None:
     """A finished trial's summary, or None (not finished, or unreadable: the trial then runs again)."""
     try:
-        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+        summary = json.loads(storage.read_text(location(run_dir) / SUMMARY_FILE))
     except (OSError, ValueError, RecursionError):
         return None
     return summary if isinstance(summary, dict) else None
 
 
-def _latest_step(run_dir: Path) -> int:
-    steps = [int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if p.name.split("_")[1].isdigit()]
+def _latest_step(run_dir: StoragePath) -> int:
+    steps = [int(e.path.name.split("_")[1]) for e in storage.list_dir(run_dir)
+             if e.path.name.startswith("checkpoint_") and e.path.name.split("_")[1].isdigit()]
     return max(steps, default=-1)
 
 
-def plan_trials(cfg: Config, runs_dir: Path) -> tuple[list[dict], list[dict]]:
+def plan_trials(cfg: Config, runs_dir: StoragePath) -> tuple[list[dict], list[dict]]:
     """From the run folders alone: (rows of the finished trials, Tune params of the trials still to run).
 
     A point whose run folder holds a summary is finished; otherwise it runs under the run id of its
     folder with the latest checkpoint (its Train run resumes there), or under a new id."""
     done, todo = [], []
+    children = storage.list_dir(runs_dir)
     for point in search_space(cfg):
         name = point_name(point)
-        folders = [p for p in runs_dir.glob(f"{name}-*") if p.is_dir() and RUN_ID.fullmatch(p.name[len(name) + 1:])]
-        summaries = [(p, s) for p in sorted(folders) if (s := read_summary(p)) is not None]
+        folders = [e for e in children if e.is_dir and e.path.name.startswith(f"{name}-")
+                   and RUN_ID.fullmatch(e.path.name[len(name) + 1:])]
+        summaries = [(e.path, s) for e in folders if (s := read_summary(e.path)) is not None]
         if summaries:
             folder, summary = summaries[0]
             done.append(dict(summary, trial=name, run_dir=str(folder)))
             continue
-        folders.sort(key=lambda p: (_latest_step(p), p.stat().st_mtime))
-        run_id = folders[-1].name[len(name) + 1:] if folders else secrets.token_hex(4)
+        folders.sort(key=lambda e: (_latest_step(e.path), e.mtime or 0.0, e.path.name))
+        run_id = folders[-1].path.name[len(name) + 1:] if folders else secrets.token_hex(4)
         todo.append({"point": point, "run_id": run_id})
     return done, todo
 
@@ -227,11 +226,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_config(cfg: Config, sweep_dir: Path) -> Config:
+def resume_config(cfg: Config, sweep_dir: StoragePath) -> Config:
     """The config the sweep was started with (its config.yaml, safe YAML), after checking that ``cfg``
     asks for the same trials; run.* and sweep.max_concurrent_trials may change between attempts."""
     saved_path = sweep_dir / "config.yaml"
-    if not saved_path.is_file():
+    if not storage.is_file(saved_path):
         raise AkodError(f"no sweep to resume in {str(sweep_dir)!r} (it has no config.yaml); run without --resume first")
     try:
         saved = load_config(saved_path)
@@ -250,18 +249,19 @@ def resume_config(cfg: Config, sweep_dir: Path) -> Config:
 
 
 def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str | None = None, resume: bool = False,
-              start_ray=ensure_ray, verbose: bool = True) -> Path:
+              start_ray=ensure_ray, verbose: bool = True) -> StoragePath:
     """Run (or resume) the sweep; returns the path of its Markdown report. ``start_ray(cfg)`` starts or
     joins Ray once it is needed (not when a resume finds every trial finished); without ``verbose``
     Tune prints no status tables (the trials' own progress lines say enough)."""
     cfg = load_config(config_path, overrides)
     data_dir = data_dir_for(cfg, data_dir_flag)
-    root = Path(cfg.run.root).resolve()
+    root = location(cfg.run.root).resolve()
     sweep_dir = root / cfg.sweep.name
     runs_dir = sweep_dir / "runs"
     if resume:
         cfg = resume_config(cfg, sweep_dir)
-    elif (sweep_dir / "config.yaml").exists() or tune.Tuner.can_restore(str(sweep_dir)):
+    elif storage.exists(sweep_dir / "config.yaml") or any(e.path.name.startswith("experiment_state")
+                                                         for e in storage.list_dir(sweep_dir)):
         raise AkodError(f"sweep folder {str(sweep_dir)!r} already holds a sweep; pass --resume to continue it "
                         "or set sweep.name to start another")
     search = cfg.sweep.search == "optuna"
@@ -286,7 +286,7 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_name_creator=name,
                                         trial_dirname_creator=dirname, **tune_args),
-            run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(root), verbose=None if verbose else 0,
+            run_config=tune.RunConfig(name=cfg.sweep.name, **storage.ray_storage(root), verbose=None if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       callbacks=sweep_callbacks(trial_base, runs_dir, resume_ids, len(done), to_run,
                                                                 concurrency)),
@@ -297,7 +297,7 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
     return finish_sweep(cfg, sweep_dir, rows)
 
 
-def plan(cfg: Config, runs_dir: Path) -> tuple[list[dict], int, dict[str, str], dict]:
+def plan(cfg: Config, runs_dir: StoragePath) -> tuple[list[dict], int, dict[str, str], dict]:
     """(rows of the finished trials, how many trials to run, the run ids of unfinished search trials by their values,
     the Tuner's param_space and TuneConfig arguments)."""
     if cfg.sweep.search == "grid":
@@ -313,7 +313,7 @@ def plan(cfg: Config, runs_dir: Path) -> tuple[list[dict], int, dict[str, str], 
     return done, to_run, {values_key(v): run_id for v, run_id in pending}, args
 
 
-def sweep_callbacks(cfg: Config, runs_dir: Path, resume_ids: dict[str, str], done: int, to_run: int,
+def sweep_callbacks(cfg: Config, runs_dir: StoragePath, resume_ids: dict[str, str], done: int, to_run: int,
                     concurrency: int) -> list:
     """Progress lines; with a scheduler, the summaries of the trials it stopped; with MLflow, the trials' runs."""
     callbacks = [SweepProgress(done + to_run, done, concurrency)]
@@ -326,7 +326,7 @@ def sweep_callbacks(cfg: Config, runs_dir: Path, resume_ids: dict[str, str], don
     return callbacks
 
 
-def finish_sweep(cfg: Config, sweep_dir: Path, rows: list[dict]) -> Path:
+def finish_sweep(cfg: Config, sweep_dir: StoragePath, rows: list[dict]) -> StoragePath:
     """The table, a search's best trial, the report (and the sweep's MLflow run); one error for failed trials."""
     from akod_ray.reporting.report import write_report
 

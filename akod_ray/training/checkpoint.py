@@ -3,14 +3,19 @@
 A checkpoint is a folder ``checkpoint_<step:08d>/`` holding ``state.safetensors`` (model, EMA,
 optimizer, step, data position, schedule betas, config, and for AKOD the RL state: the tensors as
 safetensors tensors, the rest as JSON in its header, :mod:`akod_ray.training.plain_state`) and,
-when the schedule is learned, ``schedule.json``. Files are written to a temporary name and renamed,
-so a crash never leaves a half-written state file. Checkpoints of earlier versions hold ``state.pt``
+``manifest.json`` (each file's size and sha256, written last: :func:`write_checkpoint`). The state file is
+written to a temporary name and renamed, and a run's checkpoint folder is renamed into place whole, so a
+crash never leaves a half-written one locally. In an object store, where nothing can be renamed, a
+checkpoint folder exists only once its manifest and every file it lists are there at their sizes
+(:func:`checkpoint_complete`), and a state file is loaded only when it matches the manifest: a torn
+upload is never read as a checkpoint (akod_ray/storage.py). Checkpoints of earlier versions hold ``state.pt``
 (``torch.save``) instead; they still load, with ``torch.load(weights_only=True)``, which refuses any
 pickled object other than tensors and plain data.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -25,6 +30,8 @@ from akod_ray.diffusion.process import DiffusionProcess
 from akod_ray.diffusion.schedules import validate_betas
 from akod_ray.errors import CheckpointError, ConfigError
 from akod_ray.models.unet import UNet
+from akod_ray import storage
+from akod_ray.storage import StoragePath, location
 from akod_ray.training import plain_state
 
 STATE_FILE = "state.safetensors"
@@ -37,12 +44,11 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def atomic_torch_save(obj: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-    return path
+def atomic_torch_save(obj: Any, path: StoragePath) -> StoragePath:
+    """``torch.save`` of plain data, published whole (storage.write_bytes)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return storage.write_bytes(path, buf.getvalue())
 
 
 def save_state(folder: str | Path, state: dict) -> Path:
@@ -56,9 +62,28 @@ def save_state(folder: str | Path, state: dict) -> Path:
     return folder
 
 
-def state_file(folder: str | Path) -> Path | None:
+def write_checkpoint(folder: Path, state: dict) -> Path:
+    """A whole checkpoint in the local folder ``folder`` (a staging folder that is then renamed or uploaded):
+    its state file, then its manifest."""
+    save_state(folder, state)
+    storage.write_manifest(folder)
+    return folder
+
+
+def state_file(folder: str | StoragePath) -> StoragePath | None:
     """The state file of a checkpoint folder (:data:`STATE_FILES`), or None."""
-    return next((Path(folder) / name for name in STATE_FILES if (Path(folder) / name).is_file()), None)
+    folder = location(folder)
+    return next((folder / name for name in STATE_FILES if storage.is_file(folder / name)), None)
+
+
+def checkpoint_complete(folder: StoragePath) -> bool:
+    """Is this checkpoint folder whole? In an object store: its manifest and every file it lists, a state file
+    among them (a torn upload or a half-done deletion is not). Locally, where folders are renamed into place
+    whole: a state file."""
+    if storage.is_remote(folder):
+        files = storage.complete_files(folder)
+        return files is not None and any(name in files for name in STATE_FILES)
+    return state_file(folder) is not None
 
 
 def torch_load_error(e: BaseException) -> str:
@@ -82,6 +107,8 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> An
     """``torch.load(weights_only=True)``, without torch's warnings on stderr: a file pickled with another
     protocol (a planted payload, say) gets a two-line UserWarning before its refusal, and the caller's
     one-line error says enough. Raises what torch.load raises (:data:`LOAD_ERRORS`)."""
+    if storage.is_remote(path):
+        path = io.BytesIO(storage.read_bytes(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -90,15 +117,23 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> An
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint folder or its state file (state.safetensors, or an earlier version's state.pt); a
     missing, truncated or corrupt file is a CheckpointError."""
-    path = Path(path)
-    file = (state_file(path) or path / STATE_FILE) if path.is_dir() else path
-    if not file.is_file():
+    path = location(path)
+    file = (state_file(path) or path / STATE_FILE) if storage.is_dir(path) else path
+    if not storage.is_file(file):
         raise CheckpointError(f"checkpoint file {str(file)!r} does not exist")
+    if storage.is_remote(file) and storage.read_manifest(file.parent) is None:
+        raise CheckpointError(f"checkpoint file {str(file)!r} has no {storage.MANIFEST} beside it: its upload did not "
+                              "finish, or it is no checkpoint of this project (an object store's checkpoints are whole "
+                              "only with their manifest)")
     try:
-        if file.suffix == ".safetensors":
-            state = plain_state.load(file, map_location)
-        else:
-            state = load_plain(file, map_location)
+        with storage.local_copy(file) as local:
+            problem = storage.manifest_problem(file.parent, file.name, local)
+            if problem is not None:
+                raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt or truncated: {problem}")
+            if file.suffix == ".safetensors":
+                state = plain_state.load(local, map_location)
+            else:
+                state = load_plain(local, map_location)
     except plain_state.PlainStateError as e:
         raise CheckpointError(f"checkpoint file {str(file)!r} is corrupt or truncated: {e}") from None
     except LOAD_ERRORS as e:
@@ -117,19 +152,18 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     return state
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The checkpoint folder with the highest step under ``folder`` (a run folder), or None."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and state_file(p)]
-    return max(found)[1] if found else None
+def latest_checkpoint(folder: str | StoragePath) -> StoragePath | None:
+    """The whole checkpoint folder (:func:`checkpoint_complete`) with the highest step under ``folder`` (a run
+    folder), or None."""
+    found = sorted(((int(m.group(1)), e.path) for e in storage.list_dir(folder)
+                    if e.is_dir and (m := CHECKPOINT_RE.match(e.path.name))), reverse=True)
+    return next((p for _, p in found if checkpoint_complete(p)), None)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | StoragePath) -> StoragePath:
     """A checkpoint folder (or state file) as given, or the latest checkpoint of a run folder."""
-    path = Path(path)
-    if path.is_dir() and not any((path / name).exists() for name in STATE_FILES):
+    path = location(path)
+    if storage.is_dir(path) and state_file(path) is None:
         found = latest_checkpoint(path)
         if found is None:
             raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a {' or '.join(STATE_FILES)} under {str(path)!r}")
@@ -155,7 +189,7 @@ def config_of(state: dict, where: str = "checkpoint") -> Config:
         raise CheckpointError(f"{where}: stored config is invalid: {e}") from None
 
 
-def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, DiffusionProcess, Config]:
+def load_for_sampling(path: str | StoragePath, device: str | torch.device = "cpu") -> tuple[UNet, DiffusionProcess, Config]:
     """The EMA weights of a checkpoint in a U-Net in eval mode, its diffusion process, and its config."""
     state = load_state(path)
     where = f"checkpoint {str(path)!r}"

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import torch
 
-from akod_ray.training.checkpoint import CHECKPOINT_RE, checkpoint_dir_name, latest_checkpoint, load_state, save_state
+from akod_ray import storage
+from akod_ray.storage import StoragePath, location
+from akod_ray.training.checkpoint import (CHECKPOINT_RE, checkpoint_dir_name, latest_checkpoint, load_state,
+                                          write_checkpoint)
 
 
 class LocalEnv:
     rank = 0
     world_size = 1
 
-    def __init__(self, run_dir: Path, num_to_keep: int = 2, device: str | torch.device = "cpu"):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | StoragePath, num_to_keep: int = 2, device: str | torch.device = "cpu"):
+        self.run_dir = location(run_dir)
         self.num_to_keep = num_to_keep
         self.device = torch.device(device)
 
@@ -37,15 +40,20 @@ class LocalEnv:
         return None if path is None else load_state(path)
 
     def report(self, metrics: dict, state: dict | None, step: int) -> None:
+        """The checkpoint, staged in a local folder (beside its place, or a temporary one for an object store) and
+        published whole (storage.publish_folder); then the checkpoints beyond train.num_to_keep go."""
         if state is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        final = self.run_dir / checkpoint_dir_name(step)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=self.run_dir))
-        save_state(tmp, state)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        ckpts = sorted(p for p in self.run_dir.iterdir() if CHECKPOINT_RE.match(p.name))
+        local_run = not storage.is_remote(self.run_dir)
+        if local_run:
+            storage.make_dirs(self.run_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp_ckpt_" if local_run else "akod_ckpt_",
+                                        dir=self.run_dir if local_run else None))
+        try:
+            write_checkpoint(staging, state)
+            storage.publish_folder(staging, self.run_dir / checkpoint_dir_name(step))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        ckpts = sorted(e.path for e in storage.list_dir(self.run_dir) if CHECKPOINT_RE.match(e.path.name))
         for old in ckpts[: max(0, len(ckpts) - self.num_to_keep)]:
-            shutil.rmtree(old)
+            storage.delete_tree(old)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from typing import Protocol
 
 import torch
 
+from akod_ray import storage
 from akod_ray.config import Config, config_to_dict
 from akod_ray.data.parquet import to_model_range
 from akod_ray.data.sources import TrainingData
@@ -45,6 +48,7 @@ from akod_ray.evaluation.sampling import sample_as_configured, sampling_record
 from akod_ray.errors import CheckpointError
 from akod_ray.models.unet import UNet
 from akod_ray.reporting.grids import save_grid
+from akod_ray.storage import StoragePath, location
 from akod_ray.training import credit
 from akod_ray.training.adaptation import EDM2Weighting, StepSampler
 from akod_ray.training.ema import EMA
@@ -192,40 +196,62 @@ class Timers:
 
 
 class MetricsLog:
-    """Rank 0's metrics: metrics.jsonl (one JSON object per interval) and TensorBoard events."""
+    """Rank 0's metrics: metrics.jsonl (one JSON object per interval) and TensorBoard events.
 
-    def __init__(self, run_dir: Path, resume_step: int):
-        run_dir.mkdir(parents=True, exist_ok=True)
+    In an object store metrics.jsonl is rewritten whole at each record (akod_ray/storage.py), and
+    TensorBoard's events, which its writer appends to a local file, are written to a local staging
+    folder and uploaded to RUN/tb/ at most every :attr:`TB_UPLOAD_EVERY_S` seconds and when the run
+    ends: a lost node loses at most that much of the curves in TensorBoard, never a metrics record.
+    """
+
+    TB_UPLOAD_EVERY_S = 60.0
+
+    def __init__(self, run_dir: StoragePath, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
         kept = []
-        if self.path.exists():  # drop records of steps after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        if storage.exists(self.path):  # drop records of steps after the checkpoint we resume from
+            kept = [line for line in storage.read_text(self.path).splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        storage.write_text(self.path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb_remote = run_dir / "tb" if storage.is_remote(run_dir) else None
+        tb_dir = Path(tempfile.mkdtemp(prefix="akod_tb_")) if self.tb_remote is not None else run_dir / "tb"
+        self.tb_dir, self.tb_uploaded = tb_dir, time.monotonic()
+        self.tb = SummaryWriter(str(tb_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append_jsonl(self.path, record)
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, record["step"])
         self.tb.flush()
+        if self.tb_remote is not None and time.monotonic() - self.tb_uploaded >= self.TB_UPLOAD_EVERY_S:
+            self._upload_tb()
 
-    def image(self, path: Path, step: int) -> None:
-        """A sample grid (PNG) into TensorBoard's images, beside the scalars."""
+    def _upload_tb(self) -> None:
+        for f in sorted(self.tb_dir.iterdir()):  # each writer's own events file: whole, under its own name
+            storage.upload_file(f, self.tb_remote / f.name)
+        self.tb_uploaded = time.monotonic()
+
+    def image(self, path: StoragePath, step: int) -> None:
+        """A sample grid (PNG, in the run folder or its object store) into TensorBoard's images, beside the scalars."""
+        import io
+
         import numpy as np
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
             self.tb.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
         self.tb.flush()
 
     def close(self) -> None:
         self.tb.close()
+        if self.tb_remote is not None:
+            try:
+                self._upload_tb()
+            finally:
+                shutil.rmtree(self.tb_dir, ignore_errors=True)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -251,8 +277,8 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ 1. build
 
-    def __init__(self, cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path, schedules: ScheduleSource):
-        self.cfg, self.env, self.run_dir, self.schedules = cfg, env, Path(run_dir), schedules
+    def __init__(self, cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: StoragePath, schedules: ScheduleSource):
+        self.cfg, self.env, self.run_dir, self.schedules = cfg, env, location(run_dir), schedules
         tc = cfg.train
         self.tc = tc
         torch.manual_seed(tc.seed)  # the same initial weights on every worker
@@ -472,7 +498,7 @@ class TrainingRun:
             **{f"other_{k}_s": v for k, v in self.timers.other.items()},
         }
 
-    def sample_grid(self) -> Path:
+    def sample_grid(self) -> StoragePath:
         g = torch.Generator(device=self.env.device).manual_seed(self.tc.seed)
         n = self.cfg.eval.grid_size**2
         images = sample_as_configured(self.cfg, self._eval_model(), self.sampling_process, n, g, self.env.device)
@@ -584,7 +610,7 @@ class TrainingRun:
         return record
 
 
-def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: Path, schedules: ScheduleSource) -> dict:
+def run_training(cfg: Config, data: TrainingData, env: WorkerEnv, run_dir: StoragePath, schedules: ScheduleSource) -> dict:
     """Train until cfg.train.steps (or the budget); returns the last metrics record (rank 0's view)."""
     run = TrainingRun(cfg, data, env, run_dir, schedules)  # 1. build
     run.resume()  # 2. resume

@@ -16,10 +16,12 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from akod_ray import storage
 from akod_ray.config import Config, config_to_dict, save_config
 from akod_ray.data.parquet import check_schema, resolve_data_dir
 from akod_ray.diffusion.schedules import save_schedule
 from akod_ray.errors import AkodError, CheckpointError, ConfigError, DataError
+from akod_ray.storage import StoragePath, location
 from akod_ray.training.schedule_source import fixed_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +88,7 @@ def data_dir_for(cfg: Config, flag: str | None) -> str | None:
     return str(folder)
 
 
-def check_parquet_files(folder: Path) -> None:
+def check_parquet_files(folder: StoragePath) -> None:
     """Fail here, before Ray starts, on a missing or unreadable split: the workers would fail on it
     too, but only after Ray and the worker group are up, and with their tracebacks in the logs."""
     import pyarrow as pa
@@ -94,10 +96,11 @@ def check_parquet_files(folder: Path) -> None:
 
     for split in ("train", "test"):
         path = folder / f"{split}.parquet"
-        if not path.is_file():
+        if not storage.is_file(path):
             raise DataError(f"data file {str(path)!r} does not exist")
         try:
-            schema = pq.read_schema(path)
+            fs, fs_path = storage.fs_and_path(path)
+            schema = pq.read_schema(fs_path, filesystem=fs) if storage.is_remote(path) else pq.read_schema(path)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"data file {str(path)!r} is not a readable Parquet file: {e}") from None
         check_schema(path, schema)
@@ -106,10 +109,10 @@ def check_parquet_files(folder: Path) -> None:
 TRAIN_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints, in the run folder
 
 
-def _train_index_problem(path: Path) -> str | None:
+def _train_index_problem(path: StoragePath) -> str | None:
     """What Ray Train would fail on when it reads ``path`` at a resume, or None."""
     try:
-        state = json.loads(path.read_bytes().decode("utf-8"))
+        state = json.loads(storage.read_bytes(path).decode("utf-8"))
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
     except (UnicodeDecodeError, RecursionError):
@@ -144,17 +147,17 @@ def _train_index_problem(path: Path) -> str | None:
             not isinstance(p, dict) or p.get("checkpoint_dir_name") not in names for p in pending):
         return "lists pending results that do not match its checkpoint_results"
     for name in names:
-        if not isinstance(name, str) or not (path.parent / name).is_dir():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or not storage.is_dir(path.parent / name):
             return f"lists a checkpoint {str(name)!r:.60} that is not a folder beside it"
     return None
 
 
-def check_train_index(run_dir: Path) -> None:
+def check_train_index(run_dir: str | StoragePath) -> None:
     """Ray Train reads its index of a run's checkpoints (:data:`TRAIN_INDEX`) when the run resumes; a file it
     cannot use fails inside its controller, as an ActorDiedError that names neither the file nor a way out.
     Check it first, naming it."""
-    path = Path(run_dir) / TRAIN_INDEX
-    if not path.exists():
+    path = location(run_dir) / TRAIN_INDEX
+    if not storage.exists(path):
         return
     why = _train_index_problem(path)
     if why is not None:
@@ -187,7 +190,7 @@ def build_trainer(cfg: Config, loop_config: dict, callbacks: list | None = None)
     )
     run_config = ray.train.RunConfig(
         name=cfg.run.name,  # deterministic: rerunning the same command resumes the same run
-        storage_path=str(Path(cfg.run.root).resolve()),
+        **storage.ray_storage(cfg.run.root),  # a folder, or a bucket through the pyarrow filesystem the project uses
         failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.num_to_keep),
         callbacks=callbacks or [],
@@ -201,7 +204,7 @@ def build_trainer(cfg: Config, loop_config: dict, callbacks: list | None = None)
     )
 
 
-def loop_config_for(cfg: Config, data_dir: str | None, run_dir: Path, **extra) -> dict:
+def loop_config_for(cfg: Config, data_dir: str | None, run_dir: StoragePath, **extra) -> dict:
     """The workers' settings; ``tracking``: the MLflow run rank 0 logs its metrics into, when the driver opened one."""
     from akod_ray.tracking import worker_settings
 
@@ -210,11 +213,11 @@ def loop_config_for(cfg: Config, data_dir: str | None, run_dir: Path, **extra) -
             "cpus_per_worker": cfg.train.cpus_per_worker, "tracking": tracking, **extra}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+def read_metrics(run_dir: StoragePath) -> list[dict]:
+    path = location(run_dir) / "metrics.jsonl"
+    if not storage.exists(path):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def last_record(records: list[dict]) -> dict:

@@ -19,7 +19,9 @@ import torch.distributed as dist
 
 from akod_ray.config import config_from_dict
 from akod_ray.data.sources import load_training_data
-from akod_ray.training.checkpoint import checkpoint_dir_name, load_state, save_state
+from akod_ray import storage
+from akod_ray.storage import location
+from akod_ray.training.checkpoint import checkpoint_dir_name, load_state, write_checkpoint
 from akod_ray.training.loop import run_training
 from akod_ray.training.schedule_source import fixed_source
 
@@ -84,8 +86,8 @@ class RayTrainEnv:
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             return
         tmp = Path(tempfile.mkdtemp(prefix="akod_ckpt_"))
-        try:
-            save_state(tmp, state)
+        try:  # Ray Train uploads the folder to its storage file by file; the manifest makes it whole or absent
+            write_checkpoint(tmp, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=checkpoint_dir_name(step))
         finally:
@@ -107,15 +109,13 @@ def train_worker(loop_config: dict) -> None:
     ``source_factory(cfg, env, loop_config) -> ScheduleSource`` (default: the fixed schedule).
     """
     cfg = config_from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = location(loop_config["run_dir"])
     env = RayTrainEnv(loop_config.get("tracking"))
     if env.device.type == "cpu" and loop_config.get("cpus_per_worker"):
         torch.set_num_threads(int(loop_config["cpus_per_worker"]))
-    pid_dir = run_dir / "workers"
-    pid_dir.mkdir(parents=True, exist_ok=True)
     # the node beside the pid (first: the console names a line's trial by (node, pid), as pids repeat across nodes)
-    (pid_dir / f"rank{env.rank}.node").write_text(ray.util.get_node_ip_address())
-    (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))  # for operators and fault tests
+    storage.write_text(run_dir / "workers" / f"rank{env.rank}.node", ray.util.get_node_ip_address())
+    storage.write_text(run_dir / "workers" / f"rank{env.rank}.pid", str(os.getpid()))  # for operators and fault tests
     data = load_training_data(cfg, loop_config.get("data_dir"))
     # the AKOD driver passes its source (akod_ray.rl.worker_source); training/ never imports rl/
     schedules = (loop_config.get("source_factory") or fixed_source)(cfg, env, loop_config)
