@@ -32,8 +32,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from akod_ray import storage
 from akod_ray.config import Config, config_to_dict
 from akod_ray.errors import AkodError, ConfigError
+from akod_ray.storage import StoragePath, location
 
 RUN_FILE = "mlflow_run.json"  # {"run_id", "experiment_id", "tracking_uri", "writer": "train" | "tune"}
 # of RUN/rl/iterations.jsonl (v3's driver: the return is of rewards centred in their window, so about 0; the
@@ -46,8 +48,15 @@ MAX_BATCH = 100  # params (and metrics) per MLflow log_batch call: the REST API'
 
 
 def tracking_uri(cfg: Config) -> str:
-    """run.tracking_uri, or the local store beside the runs (absolute: Ray's workers run in other folders)."""
-    return cfg.run.tracking_uri or f"sqlite:///{Path(cfg.run.root).resolve() / 'mlflow.db'}"
+    """run.tracking_uri, or the local store beside the runs (absolute: Ray's workers run in other folders). A run.root
+    in an object store has no such default (an SQLite database cannot live in a bucket): :func:`check_tracking`."""
+    if cfg.run.tracking_uri:
+        return cfg.run.tracking_uri
+    if storage.is_remote(cfg.run.root):
+        raise ConfigError(f"run.tracking_uri must be set with run.tracking=mlflow when run.root is in an object store "
+                          f"({cfg.run.root!r}): the default SQLite store beside the runs cannot live in a bucket; "
+                          "use a tracking server (http://host:5000) or sqlite:////local/path/mlflow.db")
+    return f"sqlite:///{Path(cfg.run.root).resolve() / 'mlflow.db'}"
 
 
 def artifact_location(uri: str) -> str | None:
@@ -154,17 +163,17 @@ def experiment_id(client, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def read_run_file(run_dir: Path, uri: str, writer: str) -> dict | None:
+def read_run_file(run_dir: StoragePath, uri: str, writer: str) -> dict | None:
     """The MLflow run a run folder already logs to (same URI and writer), or None."""
     try:
-        saved = json.loads((Path(run_dir) / RUN_FILE).read_text())
+        saved = json.loads(storage.read_text(location(run_dir) / RUN_FILE))
     except (OSError, ValueError):
         return None
     ok = isinstance(saved, dict) and saved.get("tracking_uri") == uri and saved.get("writer") == writer
     return saved if ok and isinstance(saved.get("run_id"), str) else None
 
 
-def open_run(client, uri: str, run_dir: Path, experiment: str, run_name: str, tags: dict, writer: str) -> dict:
+def open_run(client, uri: str, run_dir: StoragePath, experiment: str, run_name: str, tags: dict, writer: str) -> dict:
     """The run folder's MLflow run: the one it already has (a resume), else a new one, recorded in the folder."""
     from mlflow.entities import LifecycleStage
 
@@ -179,13 +188,7 @@ def open_run(client, uri: str, run_dir: Path, experiment: str, run_name: str, ta
     exp_id = experiment_id(client, uri, experiment)
     run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     saved = {"run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": uri, "writer": writer}
-    from akod_ray.config import make_dirs
-
-    make_dirs(run_dir)
-    path = Path(run_dir) / RUN_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(saved))
-    tmp.replace(path)
+    storage.write_text(location(run_dir) / RUN_FILE, json.dumps(saved))
     return saved
 
 
@@ -206,20 +209,27 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> No
         client.log_batch(run_id, metrics=items[i:i + MAX_BATCH])
 
 
-def log_run_files(client, run_id: str, run_dir: Path) -> None:
-    """The run folder's artifacts (schedule files, sample grids) and PPO's iterations as metrics at their iteration."""
-    run_dir = Path(run_dir)
+def log_run_files(client, run_id: str, run_dir: StoragePath) -> None:
+    """The run folder's artifacts (schedule files, sample grids) and PPO's iterations as metrics at their iteration;
+    files in an object store go through a local copy under their own name."""
+    run_dir = location(run_dir)
+
+    def log(path: StoragePath, folder: str) -> None:
+        with storage.local_copy(path) as local:
+            client.log_artifact(run_id, str(local), folder)
+
     for name in ("schedule.json", "scheduler_config.json"):
-        if (run_dir / name).is_file():
-            client.log_artifact(run_id, str(run_dir / name), "schedule")
-    for grid in sorted((run_dir / "samples").glob("*.png")):
-        client.log_artifact(run_id, str(grid), "samples")
+        if storage.is_file(run_dir / name):
+            log(run_dir / name, "schedule")
+    for grid in storage.list_dir(run_dir / "samples"):
+        if not grid.is_dir and grid.path.suffix == ".png":
+            log(grid.path, "samples")
     for it in ppo_iterations(run_dir):
         log_metrics(client, run_id, {f"ppo/{k}": v for k, v in numeric(it).items() if k in PPO_KEYS},
                     int(it["iteration"]))
 
 
-def log_report(client, run_id: str, folder: Path) -> None:
+def log_report(client, run_id: str, folder: StoragePath) -> None:
     """The Markdown report of a run or sweep folder, written to a temporary folder (the run folder is left as it is)."""
     from akod_ray.reporting.report import write_report
 
@@ -228,12 +238,12 @@ def log_report(client, run_id: str, folder: Path) -> None:
         client.log_artifacts(run_id, tmp, "report")
 
 
-def ppo_iterations(run_dir: Path) -> list[dict]:
+def ppo_iterations(run_dir: StoragePath) -> list[dict]:
     """PPO's iterations as the AKOD driver writes them (RUN/rl/iterations.jsonl); a half-written last line is skipped."""
-    path = Path(run_dir) / "rl" / "iterations.jsonl"
+    path = location(run_dir) / "rl" / "iterations.jsonl"
     out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    if storage.is_file(path):
+        for line in storage.read_text(path).splitlines():
             try:
                 it = json.loads(line)
             except ValueError:
@@ -243,24 +253,30 @@ def ppo_iterations(run_dir: Path) -> list[dict]:
     return out
 
 
-def ppo_to_tensorboard(run_dir: Path) -> None:
+def ppo_to_tensorboard(run_dir: StoragePath) -> None:
     """PPO's iterations (return, sample counts, KL to the prior, ...) into TensorBoard, ``RUN/tb/ppo`` (rewritten whole
-    each time)."""
+    each time; in an object store written locally, then uploaded file by file)."""
     iterations = ppo_iterations(run_dir)
     if not iterations:
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    folder = Path(run_dir) / "tb" / "ppo"
-    shutil.rmtree(folder, ignore_errors=True)
-    writer = SummaryWriter(str(folder))
-    try:
-        for it in iterations:
-            for k, v in numeric(it).items():
-                if k in PPO_KEYS:
-                    writer.add_scalar(f"ppo/{k}", v, it["iteration"])
-    finally:
-        writer.close()
+    target = location(run_dir) / "tb" / "ppo"
+    with tempfile.TemporaryDirectory(prefix="akod_tb_ppo_") as tmp:
+        folder = Path(tmp) if storage.is_remote(target) else target
+        shutil.rmtree(folder, ignore_errors=True)
+        writer = SummaryWriter(str(folder))
+        try:
+            for it in iterations:
+                for k, v in numeric(it).items():
+                    if k in PPO_KEYS:
+                        writer.add_scalar(f"ppo/{k}", v, it["iteration"])
+        finally:
+            writer.close()
+        if storage.is_remote(target):
+            storage.delete_tree(target)
+            for f in sorted(folder.iterdir()):
+                storage.upload_file(f, target / f.name)
 
 
 class RunTracking:
@@ -295,16 +311,16 @@ class RunTracking:
                   f"{' '.join(str(e).split())[:300]}", flush=True)
 
 
-def worker_settings(run_dir: Path) -> dict | None:
+def worker_settings(run_dir: StoragePath) -> dict | None:
     """The tracking settings of a run whose driver opened an MLflow run for rank 0 to log into, else None."""
     try:
-        saved = json.loads((Path(run_dir) / RUN_FILE).read_text())
+        saved = json.loads(storage.read_text(location(run_dir) / RUN_FILE))
     except (OSError, ValueError):
         return None
     if not isinstance(saved, dict) or saved.get("writer") != "train":
         return None
     return {"tracking_uri": saved["tracking_uri"], "experiment_id": saved["experiment_id"], "run_id": saved["run_id"],
-            "run_name": Path(run_dir).name}
+            "run_name": location(run_dir).name}
 
 
 class WorkerMetrics:

@@ -322,7 +322,9 @@ def compute_reference_stats(data_dir: str | Path, out_npz: str | Path, feature: 
         inception_weights_path(weights)  # fail before decoding 50,000 images
     elif feature != "c10":
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
-    data_dir = Path(data_dir)
+    from akod_ray.storage import location
+
+    data_dir = location(data_dir)  # a folder, or a bucket (AKOD_DATA_DIR=s3://...)
     images = load_images(data_dir, split, count=count, seed=seed)
     subset = "all" if count is None else f"seeded subset of {count}, seed {seed}"
     source = f"{(data_dir / f'{split}.parquet').resolve()} ({subset}, N={images.shape[0]})"

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from akod_ray import storage
 from akod_ray.config import Config, config_from_dict, parse_yaml, search_ranges
+from akod_ray.storage import StoragePath, location
 from akod_ray.sweep.trial import point_name, search_space, summarize, trial_config
 
 SEARCH_PREFIX = "search/"  # Optuna's parameter names: unflattened by Tune into config["search"]
@@ -40,25 +40,28 @@ def run_id_of(config: dict, trial_id: str, resume_ids: dict[str, str]) -> str:
     return config["trial"].get("run_id") or resume_ids.get(values_key(searched_values(config))) or trial_id
 
 
-def _values_in_folder(folder: Path, keys: list[str]) -> dict | None:
+def _values_in_folder(folder: StoragePath, keys: list[str]) -> dict | None:
     """The searched fields as a trial's run folder holds them (its config.yaml, safe YAML), or None."""
     try:
-        saved = parse_yaml((folder / "config.yaml").read_text())
+        saved = parse_yaml(storage.read_text(folder / "config.yaml"))
         return {key: float(saved[key.split(".")[0]][key.split(".")[1]]) for key in keys}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def plan_search(cfg: Config, runs_dir: Path) -> tuple[list[dict], list[tuple[dict, str]]]:
+def plan_search(cfg: Config, runs_dir: StoragePath) -> tuple[list[dict], list[tuple[dict, str]]]:
     """From the run folders alone: (summaries of the finished trials, (values, run id) of the unfinished ones)."""
     from akod_ray.sweep.tuner import RUN_ID, read_summary
 
     name = point_name(search_space(cfg)[0])
     keys = list(search_ranges(cfg.sweep.search_space))
     done, pending = [], []
-    for folder in sorted(runs_dir.glob(f"{name}-*")):
+    for entry in storage.list_dir(runs_dir):  # sorted by name
+        folder = entry.path
+        if not entry.is_dir or not folder.name.startswith(f"{name}-"):
+            continue
         run_id = folder.name[len(name) + 1:]
-        if not folder.is_dir() or not RUN_ID.fullmatch(run_id):
+        if not RUN_ID.fullmatch(run_id):
             continue
         values = _values_in_folder(folder, keys)
         if values is None:  # never got as far as writing its config: nothing to resume
@@ -124,8 +127,8 @@ class StoppedTrialSummaries(tune.Callback):
     """A trial that ASHA stopped ends without writing its summary.json; write it here, from its run folder, so that
     it counts as finished (in the table, and for a resume, which tells Optuna what it reached)."""
 
-    def __init__(self, base_dict: dict, runs_dir: Path, resume_ids: dict[str, str]):
-        self.base_dict, self.runs_dir, self.resume_ids = base_dict, Path(runs_dir), resume_ids
+    def __init__(self, base_dict: dict, runs_dir: StoragePath, resume_ids: dict[str, str]):
+        self.base_dict, self.runs_dir, self.resume_ids = base_dict, location(runs_dir), resume_ids
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from akod_ray.sweep.tuner import SUMMARY_FILE, write_summary
@@ -133,7 +136,7 @@ class StoppedTrialSummaries(tune.Callback):
         point, searched = trial.config["trial"]["point"], searched_values(trial.config)
         run_id = run_id_of(trial.config, trial.trial_id, self.resume_ids)
         cfg = trial_config(config_from_dict(self.base_dict), point, str(self.runs_dir), run_id, searched)
-        if (cfg.run_dir / SUMMARY_FILE).exists() or not (cfg.run_dir / "metrics.jsonl").is_file():
+        if storage.exists(cfg.run_dir / SUMMARY_FILE) or not storage.is_file(cfg.run_dir / "metrics.jsonl"):
             return
         write_summary(cfg.run_dir, dict(summarize(cfg, point, searched), stopped_early=True))
 

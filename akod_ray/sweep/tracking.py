@@ -10,12 +10,12 @@ resumed sweep goes on in the same MLflow run.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from akod_ray import storage
 from akod_ray.config import Config, config_from_dict, config_to_dict
+from akod_ray.storage import StoragePath, location
 from akod_ray.sweep.search import run_id_of, searched_values
 from akod_ray.sweep.trial import trial_config
 from akod_ray.tracking import (Unlogged, experiment_name, flat_params, log_metrics, log_params, log_report,
@@ -27,9 +27,9 @@ TUNE_KEYS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag"}
 class SweepTracking(MLflowLoggerCallback):
     """MLflowLoggerCallback with the project's runs: see the module docstring."""
 
-    def __init__(self, cfg: Config, runs_dir: Path, resume_ids: dict[str, str]):
+    def __init__(self, cfg: Config, runs_dir: StoragePath, resume_ids: dict[str, str]):
         super().__init__(tracking_uri=tracking_uri(cfg), experiment_name=experiment_name(cfg, sweep=True))
-        self.base, self.runs_dir, self.resume_ids = config_to_dict(cfg), Path(runs_dir), resume_ids
+        self.base, self.runs_dir, self.resume_ids = config_to_dict(cfg), location(runs_dir), resume_ids
         self.run_dirs: dict = {}
         self.unlogged: dict = {}
 
@@ -68,7 +68,7 @@ class SweepTracking(MLflowLoggerCallback):
         client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
-def log_sweep(cfg: Config, sweep_dir: Path) -> None:
+def log_sweep(cfg: Config, sweep_dir: StoragePath) -> None:
     """The sweep's own MLflow run: its report (with plots) and its table, as artifacts."""
     from akod_ray.tracking import _client
 
@@ -77,7 +77,8 @@ def log_sweep(cfg: Config, sweep_dir: Path) -> None:
     saved = open_run(client, uri, sweep_dir, experiment_name(cfg, sweep=True), cfg.sweep.name,
                      {"akod.kind": "sweep", "sweep": cfg.sweep.name}, "sweep")
     for name in ("sweep_table.csv", "sweep_table.md"):
-        if (sweep_dir / name).is_file():
-            client.log_artifact(saved["run_id"], str(sweep_dir / name))
+        if storage.is_file(sweep_dir / name):
+            with storage.local_copy(sweep_dir / name) as local:
+                client.log_artifact(saved["run_id"], str(local))
     log_report(client, saved["run_id"], sweep_dir)
     client.set_terminated(saved["run_id"], "FINISHED")
