@@ -899,14 +899,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
+        from akod_ray import storage  # a resumed run or sweep in a bucket keeps its config.yaml there
+
+        p = location(path)
         where = f"config file {str(p)!r}"
-        if not p.exists():
+        if not storage.exists(p):
             raise ConfigError(f"{where} does not exist")
-        if not p.is_file():
+        if not storage.is_file(p):
             raise ConfigError(f"{where} is not a file")
         try:
-            raw = p.read_bytes()
+            raw = storage.read_bytes(p)
         except OSError as e:
             raise ConfigError(f"{where} cannot be read: {e.strerror or e}") from None
         if len(raw) > MAX_CONFIG_BYTES:

@@ -277,7 +277,6 @@ CONFIG_CASES = [
     (["run.name=''"], r"run\.name must be a non-empty name of at most 200 characters, got ''"),
     (["run.name=[1]"], r"run\.name must be a string, got \[1\]"),
     (["run.name=" + "x" * 300], r"run\.name must be a non-empty name of at most 200 characters, got 'x+\.\.\.x+'"),
-    (["run.root=s3://bucket/runs"], r"run\.root must be a folder path .*, not a URI, got 's3://bucket/runs'"),
     (['run.root="r\\0"'], r"run\.root must not contain control characters, got 'r\\x00'"),
     (["run.num_cpus=0"], r"run\.num_cpus must be >= 1 or null, got 0"),
     (["run.dashboard=maybe"], r"run\.dashboard must be true or false, got 'maybe'"),
