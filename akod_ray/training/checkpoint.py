@@ -163,7 +163,8 @@ def latest_checkpoint(folder: str | StoragePath) -> StoragePath | None:
 def resolve_checkpoint(path: str | StoragePath) -> StoragePath:
     """A checkpoint folder (or state file) as given, or the latest checkpoint of a run folder."""
     path = location(path)
-    if storage.is_dir(path) and state_file(path) is None:
+    # a checkpoint folder whose state file is spoiled (even a folder in its place) is refused as that file
+    if storage.is_dir(path) and not any(storage.exists(path / name) for name in STATE_FILES):
         found = latest_checkpoint(path)
         if found is None:
             raise CheckpointError(f"no checkpoint_XXXXXXXX folder with a {' or '.join(STATE_FILES)} under {str(path)!r}")
