@@ -62,6 +62,7 @@ def test_the_cpu_search_config_is_the_science_setup():
     assert (cfg.train.budget_clock, cfg.sweep.budget_kind, cfg.sweep.budget, cfg.run.num_cpus) == ("cpu", "seconds", 360, 1)
     assert (cfg.eval.sampler, cfg.eval.sampler_steps, cfg.eval.sampling_grid) == ("heun", 20, "common")
     assert (cfg.sweep.metric, cfg.sweep.referee_samples, cfg.sweep.max_concurrent_trials) == ("fid_c10_final", 2000, 1)
+    assert cfg.train.steps == 6000  # bench/akod_science.py step_cap(360): a cap that never binds at 360 CPU-s
 
 
 def test_an_unfinished_trial_is_asked_again_in_its_folder_and_finished_ones_are_told(tmp_path):
