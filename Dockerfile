@@ -39,4 +39,10 @@ COPY --chown=ray:users . .
 RUN pip install --no-deps . \
  && python -c "import akod_ray"
 
+# The optional integrations a cluster run may ask for: pyproject's `mlflow` extra (run.tracking: mlflow, and
+# `mlflow server` on the head: docs/cluster.md) and `optuna` extra (sweep.search: optuna); never the `test` extra.
+# The project's own pins are exact, so the resolver keeps the dependencies installed above.
+RUN pip install ".[mlflow,optuna]" \
+ && python -c "import mlflow, optuna, ray; assert ray.__version__ == '2.60.0', ray.__version__"
+
 USER ray

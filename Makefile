@@ -1,7 +1,8 @@
 # make demo : the smoke sweep (seven arms on a CIFAR-10 subset, about 10 minutes on 2 idle cores) + its report
 # make test : the whole test suite (unit tests + the real-Ray end-to-end tests marked slow)
 # Both create .venv when it is missing: the pinned runtime dependencies (requirements.txt), then the project
-# itself, editable, with its `test` extra (pytest, pytest-timeout, hypothesis; pyproject.toml).
+# itself, editable, with its `test` extra (pytest, pytest-timeout, hypothesis; pyproject.toml) and the optional
+# integrations' extras `mlflow` and `optuna` (their tests run in `make test`).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q --no-build-isolation -e ".[test,mlflow,optuna]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -9,6 +9,7 @@ run directory as YAML (:func:`save_config`) and reloads to an equal object.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import reprlib
@@ -39,6 +40,13 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc", "euler", "heun", "adaptive")
 SAMPLING_GRIDS = ("common", "own")
 NOISE_CONDS = ("level", "schedule")
 BUDGET_KINDS = ("images", "seconds")
+SEARCHES = ("grid", "optuna")
+SCHEDULERS = ("none", "asha")
+# what a search minimizes: the trial's last fid_c10 or ref_loss, or fid_c10_final (sweep.referee_samples)
+SEARCH_METRICS = ("fid_c10", "ref_loss", "fid_c10_final")
+SEARCHABLE = ("diffusion.laplace_scale", "diffusion.laplace_loc")  # a fixed schedule's parameters
+TRACKING = ("none", "mlflow")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
 
 # Limits that keep a run inside one machine's memory and time: a value past them cannot work
@@ -104,6 +112,9 @@ class DiffusionConfig:
     schedule: str = "linear"
     schedule_file: str | None = None  # schedule .json exported by an AKOD run, with schedule=file
     laplace_scale: float = 0.75  # scale of the laplace schedule (the best of 0.75, 1, 2 in a sweep: BENCHMARKS.md, "The pilot")
+    # centre of the laplace schedule in log-SNR (Hang et al.: 0); > 0 trains more on low noise, < 0 on high noise. The
+    # schedule must stay valid (beta_t <= 0.999 at its last step): the more concentrated, the less it may move up.
+    laplace_loc: float = 0.0
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None = L_simple
     # Online adaptation without RL (akod_ray/training/adaptation.py), on the schedule's table: none | importance (a
     # loss-history importance sampler over noise levels; the objective stays the schedule's) | edm2 (EDM2's learned
@@ -124,6 +135,9 @@ class DiffusionConfig:
         _plain_text("diffusion.schedule_file", self.schedule_file)
         _finite("diffusion.laplace_scale", self.laplace_scale)
         _check(0.05 <= self.laplace_scale <= 100, "diffusion.laplace_scale", "must be in [0.05, 100]", self.laplace_scale)
+        _finite("diffusion.laplace_loc", self.laplace_loc)
+        _check(-20.0 <= self.laplace_loc <= 20.0, "diffusion.laplace_loc", "must be in [-20, 20] (log-SNR)",
+               self.laplace_loc)
         if self.min_snr_gamma is not None:
             _finite("diffusion.min_snr_gamma", self.min_snr_gamma)
             _check(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null", self.min_snr_gamma)
@@ -434,6 +448,27 @@ ARM_SPECS = {
 ARMS = tuple(ARM_SPECS)
 
 
+def search_ranges(entries: tuple[str, ...]) -> dict[str, tuple[float, float, bool]]:
+    """``sweep.search_space`` parsed: {"section.field": (low, high, log)}, each entry checked (ConfigError)."""
+    out: dict[str, tuple[float, float, bool]] = {}
+    for entry in entries:
+        key, sep, rng = entry.partition("=")
+        parts = rng.split(":")
+        _check(bool(sep) and len(parts) in (2, 3) and parts[2:] in ([], ["log"]), "sweep.search_space",
+               "entries must look like section.field=low:high or section.field=low:high:log", entry)
+        _check(key in SEARCHABLE, "sweep.search_space", f"fields must be from {SEARCHABLE}", entry)
+        _check(key not in out, "sweep.search_space", "must not list a field twice", entries)
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ConfigError(f"sweep.search_space {show(entry)}: low and high must be numbers") from None
+        _check(math.isfinite(low) and math.isfinite(high) and low < high, "sweep.search_space",
+               "needs finite bounds with low < high", entry)
+        _check(parts[2:] != ["log"] or low > 0, "sweep.search_space", "needs low > 0 on a log scale", entry)
+        out[key] = (low, high, parts[2:] == ["log"])
+    return out
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     name: str = "sweep"  # the Tune experiment folder under run.root; rerun with --resume to continue it
@@ -444,6 +479,22 @@ class SweepConfig:
     budget_kind: str = "images"  # images: train.steps = budget / train.batch_size; seconds: train.max_wall_s = budget (train.budget_clock)
     budget: float = 1_000_000  # the same budget for every arm (AKOD's RL overhead inside its time)
     max_concurrent_trials: int | None = None  # None: cluster CPUs (or GPUs) / resources per trial
+    # grid: every arm x filter size x seed (the arm comparison) | optuna: Tune with Optuna's TPE over search_space, for the
+    # one fixed arm in sweep.arms and the one seed in sweep.seeds, num_samples trials, minimizing sweep.metric
+    search: str = "grid"
+    # "section.field=low:high" (uniform) or "section.field=low:high:log", fields from SEARCHABLE; every point of the box
+    # must be a valid config (a laplace schedule that is too concentrated and too far up is refused)
+    search_space: tuple[str, ...] = ("diffusion.laplace_scale=0.6:2.0:log", "diffusion.laplace_loc=-1.5:0.5")
+    num_samples: int = 12  # trials of an optuna search (a resume may raise it to search on)
+    metric: str = "fid_c10"  # fid_c10 | ref_loss | fid_c10_final: what a search minimizes (asha: its latest value)
+    # > 0: every trial ends with fid_c10_final, the fid_c10 of this many EMA samples from its final checkpoint with the
+    # same starting noise for every trial (seed 10,000 + train.seed: bench/akod_science.py's referee), on the common
+    # grid with eval.sampler; computed by the trial's driver process (where the Tune trial runs), after training
+    referee_samples: int = 0
+    # none | asha (Tune's ASHAScheduler: stops the worse trials at rungs of the budget; searches only, since an arm
+    # comparison gives every arm its whole budget)
+    scheduler: str = "none"
+    asha_grace: float = 0.25  # share of the budget every trial trains before asha's first cut (rungs grow 3x)
 
     def __post_init__(self) -> None:
         check_name("sweep.name", self.name)
@@ -471,6 +522,35 @@ class SweepConfig:
             _check(self.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "must be >= 1 or null",
                    self.max_concurrent_trials)
             _at_most("sweep.max_concurrent_trials", self.max_concurrent_trials, 10_000)
+        _check(self.search in SEARCHES, "sweep.search", f"must be one of {SEARCHES}", self.search)
+        _check(self.scheduler in SCHEDULERS, "sweep.scheduler", f"must be one of {SCHEDULERS}", self.scheduler)
+        _check(self.metric in SEARCH_METRICS, "sweep.metric", f"must be one of {SEARCH_METRICS}", self.metric)
+        _check(1 <= self.num_samples <= 10_000, "sweep.num_samples", "must be in [1, 10,000]", self.num_samples)
+        _check(0 <= self.referee_samples <= MAX_IMAGES // 10, "sweep.referee_samples",
+               f"must be in [0, {MAX_IMAGES // 10:,}]", self.referee_samples)
+        _check(self.metric != "fid_c10_final" or self.referee_samples >= 2, "sweep.metric",
+               "can be fid_c10_final only with sweep.referee_samples >= 2", self.metric)
+        _check(self.metric != "fid_c10_final" or self.scheduler == "none", "sweep.metric",
+               "must be measured during training with sweep.scheduler=asha (fid_c10_final comes at the end)",
+               self.metric)
+        _finite("sweep.asha_grace", self.asha_grace)
+        _check(0.0 < self.asha_grace < 1.0, "sweep.asha_grace", "must be in (0, 1)", self.asha_grace)
+        space = search_ranges(self.search_space)
+        if self.search == "grid":
+            _check(self.scheduler == "none", "sweep.scheduler", "must be 'none' with sweep.search=grid (an arm "
+                   "comparison gives every arm its whole budget)", self.scheduler)
+            return
+        arm = self.arms[0]
+        spec = ARM_SPECS[arm]
+        _check(len(self.arms) == 1 and spec.schedule not in ("akod", "file") and spec.adaptation == "none", "sweep.arms",
+               "must list one fixed-schedule arm with sweep.search=optuna (the schedule whose parameters are searched)",
+               self.arms)
+        _check(len(self.seeds) == 1, "sweep.seeds", "must list one seed with sweep.search=optuna", self.seeds)
+        _check(len(space) >= 1, "sweep.search_space", "must list at least one field with sweep.search=optuna",
+               self.search_space)
+        for key in space:
+            _check(not key.startswith("diffusion.laplace_") or spec.schedule == "laplace", "sweep.search_space",
+                   f"searches {key}, which only the laplace arm uses, but sweep.arms is {[arm]}", self.search_space)
 
 
 @dataclass(frozen=True)
@@ -480,6 +560,13 @@ class RunConfig:
     ray_address: str | None = None  # None: join a cluster if RAY_ADDRESS is set, else start a local Ray
     num_cpus: int | None = None  # CPUs a locally started Ray may use (None: all)
     dashboard: bool = True  # start the Ray Dashboard (127.0.0.1 only) with a locally started Ray
+    # none | mlflow: the resolved config as params, every metrics.jsonl record as metrics at its step, PPO's iterations,
+    # and the schedule files, sample grids and report as artifacts (akod_ray/tracking.py); TensorBoard is always written
+    tracking: str = "none"
+    # MLflow tracking URI: http(s)://host:port (a tracking server every node reaches), sqlite:////abs/path/mlflow.db, ...;
+    # None: a local store beside the runs, sqlite:///<run.root>/mlflow.db with the artifacts in <run.root>/mlartifacts
+    tracking_uri: str | None = None
+    tracking_experiment: str | None = None  # MLflow experiment; None: sweep.name for a sweep, run.name for a run
 
     def __post_init__(self) -> None:
         check_name("run.name", self.name)
@@ -490,6 +577,23 @@ class RunConfig:
         if self.num_cpus is not None:
             _check(self.num_cpus >= 1, "run.num_cpus", "must be >= 1 or null", self.num_cpus)
             _at_most("run.num_cpus", self.num_cpus, 100_000)
+        _check(self.tracking in TRACKING, "run.tracking", f"must be one of {TRACKING}", self.tracking)
+        _plain_text("run.tracking_uri", self.tracking_uri)
+        if self.tracking_uri is not None:
+            scheme = self.tracking_uri.partition(":")[0].split("+")[0].lower()
+            _check(scheme != "file", "run.tracking_uri", "must not be a file store (MLflow 3 refuses them); use "
+                   "sqlite:////path/mlflow.db or a tracking server", self.tracking_uri)
+            _check("://" in self.tracking_uri, "run.tracking_uri",
+                   "must be a URI with a scheme (http://host:5000, sqlite:////path/mlflow.db)", self.tracking_uri)
+            _check(scheme in TRACKING_SCHEMES, "run.tracking_uri", f"must use one of the schemes {TRACKING_SCHEMES}",
+                   self.tracking_uri)
+            _check(scheme != "sqlite" or self.tracking_uri.startswith("sqlite:////"), "run.tracking_uri",
+                   "must name an absolute path (sqlite:////path/mlflow.db): Ray's workers run in other folders",
+                   self.tracking_uri)
+        if self.tracking_experiment is not None:
+            _plain_text("run.tracking_experiment", self.tracking_experiment)
+            _check(0 < len(self.tracking_experiment) <= MAX_NAME, "run.tracking_experiment",
+                   f"must be a non-empty name of at most {MAX_NAME} characters", self.tracking_experiment)
 
 
 @dataclass(frozen=True)
@@ -518,9 +622,11 @@ class Config:
             from akod_ray.diffusion.schedules import anchor_betas
 
             try:
-                anchor_betas(d.schedule, d.T, self.dko.logsnr_max, self.dko.logsnr_min, d.laplace_scale)
+                anchor_betas(d.schedule, d.T, self.dko.logsnr_max, self.dko.logsnr_min, d.laplace_scale, d.laplace_loc)
             except ValueError as e:
                 field_name = "diffusion.laplace_scale" if d.schedule == "laplace" else "diffusion.T"
+                if d.schedule == "laplace" and d.laplace_loc != 0.0 and _valid_laplace(self, d.laplace_scale, 0.0):
+                    field_name = "diffusion.laplace_loc"  # the same scale centred at 0 is valid: the centre is at fault
                 raise ConfigError(f"{field_name}: the {d.schedule} schedule is invalid for diffusion.T={d.T} within "
                                   f"[dko.logsnr_min, dko.logsnr_max]: {e}") from None
         _check(ev.fid_samples >= tc.num_workers, "eval.fid_samples", f"must be >= train.num_workers={tc.num_workers} "
@@ -535,7 +641,16 @@ class Config:
                    "images (one optimizer step) with sweep.budget_kind=images", self.sweep.budget)
             _at_most("sweep.budget", self.sweep.budget, MAX_STEPS * tc.batch_size,
                      f"{MAX_STEPS:,} steps of train.batch_size={tc.batch_size}")
+        if self.sweep.search == "optuna":
+            self._check_search_box()
+        _check(self.sweep.scheduler != "asha" or self.sweep.metric != "fid_c10" or self.eval.fid_every > 0,
+               "eval.fid_every", "must be > 0 with sweep.scheduler=asha and sweep.metric=fid_c10 (asha compares "
+               "trials at rungs of the budget, on the fid_c10 they have measured by then)", self.eval.fid_every)
         if d.schedule == "akod":
+            # the DKO's laplace prior is centred at 0 (akod_ray/diffusion/dko.py): a centre would be ignored there
+            _check(self.dko.prior != "laplace" or d.laplace_loc == 0.0, "diffusion.laplace_loc",
+                   "must be 0 with diffusion.schedule=akod and dko.prior=laplace (the DKO's prior is centred at 0)",
+                   d.laplace_loc)
             _check(self.rl.reward_images >= self.train.num_workers, "rl.reward_images",
                    f"must be >= train.num_workers={self.train.num_workers} (every worker scores its share)",
                    self.rl.reward_images)
@@ -565,9 +680,39 @@ class Config:
                    f"must be a multiple of rl.segment_steps={self.rl.segment_steps} for the akod schedule "
                    "(checkpoints fall on segment ends)", self.train.ckpt_every)
 
+    def _check_search_box(self) -> None:
+        """Every corner of sweep.search_space is a valid trial config, so no point Optuna picks can fail on its
+        config (a laplace schedule's validity is monotone in its scale and centre, so the corners decide)."""
+        ranges = search_ranges(self.sweep.search_space)
+        arm = self.sweep.arms[0]
+        base = dataclasses.replace(self, sweep=dataclasses.replace(self.sweep, search="grid", scheduler="none"),
+                                   diffusion=dataclasses.replace(self.diffusion, schedule=ARM_SPECS[arm].schedule))
+        for corner in itertools.product(*[(low, high) for low, high, _ in ranges.values()]):
+            changes: dict[str, dict[str, float]] = {}
+            for key, value in zip(ranges, corner):
+                section, name = key.split(".")
+                changes.setdefault(section, {})[name] = value
+            try:
+                dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **fields)
+                                             for section, fields in changes.items()})
+            except ConfigError as e:
+                where = ", ".join(f"{k}={v:g}" for k, v in zip(ranges, corner))
+                raise ConfigError(f"sweep.search_space: the corner {where} of the search box is not a valid {arm} "
+                                  f"trial: {e}") from None
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
+
+
+def _valid_laplace(cfg: Config, scale: float, loc: float) -> bool:
+    from akod_ray.diffusion.schedules import anchor_betas
+
+    try:
+        anchor_betas("laplace", cfg.diffusion.T, cfg.dko.logsnr_max, cfg.dko.logsnr_min, scale, loc)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- loading

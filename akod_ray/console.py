@@ -11,14 +11,18 @@ in a sweep and dropped for a single run, and Ray Train's one-line restart decisi
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+import time
+from collections import Counter
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
-# "(RayTrainWorker pid=12, ip=10.0.0.2) message", possibly wrapped in ANSI colour codes
-FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:(?P<name>[\w.:-]+) )?pid=(?P<pid>\d+)[^)]*\)(?:\x1b\[[0-9;]*m)* ?(?P<msg>.*)$",
-                       re.DOTALL)
+# "(RayTrainWorker pid=12, ip=10.0.0.2) message", possibly wrapped in ANSI colour codes; Ray leaves out the ip of a
+# process on the driver's own node
+FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:(?P<name>[\w.:-]+) )?pid=(?P<pid>\d+)(?:, ip=(?P<ip>[^,)\s]+))?[^)]*\)"
+                       r"(?:\x1b\[[0-9;]*m)* ?(?P<msg>.*)$", re.DOTALL)
 RAY_PROCESS = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|gcs_server|autoscaler|monitor)[^)]*\)")
 OWN_LINE = "[akod]"  # rank 0's progress, resume and fid_c10 lines (on the workers' stdout)
 RESTART_LINE = "[FailurePolicy]"  # Ray Train's decision after a worker failure: RETRY is shown, RAISE only logged
@@ -51,12 +55,18 @@ class RayConsole:
     """Context manager: while active, sys.stdout and sys.stderr sort Ray's forwarded lines.
 
     ``log_path``: where every forwarded line goes (created at the first one). ``runs_dir``: a
-    sweep's run folders, whose ``workers/rank<r>.pid`` files map a worker's pid to its trial;
-    None for a single run (the prefix is dropped)."""
+    sweep's run folders, whose ``workers/rank<r>.pid`` and ``rank<r>.node`` files map a worker's
+    (node, pid) to its trial: process ids repeat across nodes and containers, so a pid alone could
+    credit a line to another trial; None for a single run (the prefix is dropped). ``local_node``:
+    the driver's node, which Ray leaves out of its prefix (default: Ray's own answer)."""
 
-    def __init__(self, log_path: Path, runs_dir: Path | None = None):
+    RESCAN_S = 5.0  # a pid is reused by a later trial on the same node: read the run folders again after this
+
+    def __init__(self, log_path: Path, runs_dir: Path | None = None, local_node: Callable[[], str | None] | None = None):
         self.log_path, self.runs_dir = Path(log_path), runs_dir
-        self.names: dict[str, str] = {}
+        self.local_node = local_node or _ray_node
+        self.names: dict[tuple[str | None, str], str] = {}
+        self.scanned = -math.inf
         self.log: TextIO | None = None
         self.forwarded = 0
 
@@ -88,7 +98,7 @@ class RayConsole:
             return None if "RAISE" in msg else msg
         if not show_own or not msg.startswith(OWN_LINE):
             return None
-        name = self._trial(m.group("pid"))
+        name = self._trial(m.group("ip"), m.group("pid"))
         return f"({name}) {m.group('msg')}" if name else m.group("msg")
 
     def _keep(self, line: str) -> None:
@@ -104,13 +114,46 @@ class RayConsole:
         except OSError:
             pass  # the log is a convenience; never fail a run for it
 
-    def _trial(self, pid: str) -> str | None:
+    def _trial(self, ip: str | None, pid: str) -> str | None:
+        """The trial of the worker (node, pid); a line without ``ip`` comes from the driver's node."""
         if self.runs_dir is None:
             return None
-        if pid not in self.names:
-            for path in Path(self.runs_dir).glob("*/workers/rank*.pid"):
-                try:
-                    self.names[path.read_text().strip()] = path.parent.parent.name.rsplit("-", 1)[0]
-                except OSError:
-                    continue
-        return self.names.get(pid)
+        node = ip or self.local_node()
+        found = self.names.get((node, pid)) or self.names.get((None, pid))
+        if found is None or time.monotonic() - self.scanned > self.RESCAN_S:
+            self._scan()
+            found = self.names.get((node, pid)) or self.names.get((None, pid))
+        return found
+
+    def _scan(self) -> None:
+        """(node, pid) -> trial name from every run folder's worker files; the newest file wins a (node, pid) that
+        several name. A run folder without a node file (written before nodes were recorded) matches any node."""
+        self.scanned = time.monotonic()
+        found: dict[tuple[str | None, str], tuple[float, Path]] = {}
+        for path in Path(self.runs_dir).glob("*/workers/rank*.pid"):
+            try:
+                pid, mtime = path.read_text().strip(), path.stat().st_mtime
+                node_file = path.with_suffix(".node")
+                node = node_file.read_text().strip() if node_file.exists() else None
+            except OSError:
+                continue
+            if found.get((node, pid), (-math.inf,))[0] < mtime:
+                found[(node, pid)] = (mtime, path.parent.parent)
+        if not found:
+            self.names = {}
+            return
+        # a trial is named by its point (akod_k7_s0), or by its whole folder where points repeat (a search's trials)
+        points = Counter(_point(folder) for folder in Path(self.runs_dir).iterdir())
+        self.names = {key: _point(folder) if points[_point(folder)] == 1 else folder.name
+                      for key, (_, folder) in found.items()}
+
+
+def _point(run_folder: Path) -> str:
+    return run_folder.name.rsplit("-", 1)[0]  # <point>-<run id>
+
+
+def _ray_node() -> str | None:
+    """The driver's node as Ray names it in a forwarded line's ``ip=`` (None before Ray started)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None

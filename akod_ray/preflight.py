@@ -107,8 +107,11 @@ def preflight_train(cfg: Config, data_dir_flag: str | None) -> None:
     """Everything `akod train` can check before it writes anything or starts Ray."""
     from akod_ray.training.trainer import check_train_index, data_dir_for
 
+    from akod_ray.tracking import check_tracking
+
     check_writable_folder(cfg.run_dir, "run folder (run.root/run.name)")
     check_train_index(cfg.run_dir)
+    check_tracking(cfg)
     check_schedule_file(cfg)
     check_data(cfg, data_dir_for(cfg, data_dir_flag))
     check_local_resources(cfg)
@@ -119,12 +122,17 @@ def sweep_trial_configs(cfg: Config) -> list[tuple[str, Config]]:
     is invalid (the akod arm with train.ckpt_every off the segment grid, ...) fails here, named."""
     from akod_ray.sweep.trial import point_name, search_space, trial_config
 
+    from akod_ray.config import search_ranges
+
     out = []
     root = str(Path(cfg.run.root) / cfg.sweep.name / "runs")
+    # a search's trials differ only in the searched fields, and every corner of its box is valid (config.py)
+    searched = {key: low for key, (low, _, _) in search_ranges(cfg.sweep.search_space).items()} \
+        if cfg.sweep.search == "optuna" else None
     for point in search_space(cfg):
         name = point_name(point)
         try:
-            out.append((name, trial_config(cfg, point, root, "preflight")))
+            out.append((name, trial_config(cfg, point, root, "preflight", searched)))
         except AkodError as e:
             raise ConfigError(f"sweep trial {name}: {e}") from None
     return out
@@ -134,7 +142,10 @@ def preflight_sweep(cfg: Config, data_dir_flag: str | None) -> None:
     """Everything `akod sweep` can check before it writes anything or starts Ray."""
     from akod_ray.training.trainer import TRAIN_INDEX, check_train_index, data_dir_for
 
+    from akod_ray.tracking import check_tracking
+
     check_writable_folder(Path(cfg.run.root) / cfg.sweep.name, "sweep folder (run.root/sweep.name)")
+    check_tracking(cfg)
     for index in sorted((Path(cfg.run.root) / cfg.sweep.name / "runs").glob(f"*/{TRAIN_INDEX}")):  # trials that resume
         check_train_index(index.parent)
     trials = sweep_trial_configs(cfg)

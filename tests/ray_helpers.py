@@ -51,6 +51,25 @@ TINY = {
 }
 
 
+# The smallest config on procedural data (no files), as YAML sections: sweeps and searches of a few steps.
+TINY_PROCEDURAL = {
+    "run": {"num_cpus": 2, "dashboard": False},
+    "diffusion": {"T": 100},
+    "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
+              "dropout": 0.0},
+    "dko": {"bins": 4},
+    "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
+    "train": {"batch_size": 8, "val_batch": 8, "ref_grid": 2, "cpus_per_worker": 1},
+    "eval": {"sampler_steps": 4, "grid_size": 2, "fid_samples": 8},
+}
+
+
+def tiny_procedural(**sections: dict) -> dict:
+    """:data:`TINY_PROCEDURAL` with ``sections`` merged into it, section by section."""
+    return {name: {**TINY_PROCEDURAL.get(name, {}), **sections.get(name, {})}
+            for name in {**TINY_PROCEDURAL, **sections}}
+
+
 def require_cifar() -> Path:
     if not (CIFAR_DIR / "train.parquet").is_file() or not (CIFAR_DIR / "test.parquet").is_file():
         pytest.skip(f"CIFAR-10 Parquet copy not found at {CIFAR_DIR}")

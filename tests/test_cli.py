@@ -301,6 +301,43 @@ def test_ray_console_shows_akod_lines_named_by_trial_and_keeps_the_rest(tmp_path
     assert log.read_text().splitlines() == forwarded + [forwarded[0]]
 
 
+def test_ray_console_credits_a_line_to_the_trial_of_its_node_and_pid(tmp_path, capsys):
+    """Issue 22: process ids repeat across nodes and containers. Two trials whose rank-0 workers have the same
+    pid on different nodes are told apart by the node Ray puts in the prefix (none: the driver's node); a pid
+    that a later trial reuses on the same node is credited to that trial; a search's trials of one point are
+    named by their whole run folder."""
+    import os
+    import time
+
+    from akod_ray.console import RayConsole
+
+    runs = tmp_path / "sweep" / "runs"
+
+    def worker(folder: str, node: str, pid: int, age_s: float = 0.0) -> None:
+        (runs / folder / "workers").mkdir(parents=True, exist_ok=True)
+        (runs / folder / "workers" / "rank0.node").write_text(node)
+        path = runs / folder / "workers" / "rank0.pid"
+        path.write_text(str(pid))
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+    worker("baseline_s0-aaaa1111", "10.0.0.1", 4242, age_s=60)  # the driver's node
+    worker("cosine_s0-bbbb2222", "10.0.0.2", 4242, age_s=60)
+    worker("laplace_s0-c1_00000", "10.0.0.2", 77, age_s=60)
+    worker("laplace_s0-c2_00001", "10.0.0.3", 77, age_s=60)
+    with RayConsole(tmp_path / "sweep" / "ray.log", runs, local_node=lambda: "10.0.0.1") as console:
+        print("\x1b[36m(RayTrainWorker pid=4242)\x1b[0m [akod] step 2/8 loss 0.5")
+        print("\x1b[36m(RayTrainWorker pid=4242, ip=10.0.0.2)\x1b[0m [akod] step 4/8 loss 0.4")
+        print("(RayTrainWorker pid=77, ip=10.0.0.3) [akod] step 6/8 loss 0.3")
+        print("(RayTrainWorker pid=4242, ip=10.0.0.9) [akod] step 1/8 loss 0.9")  # no trial on that node
+        worker("min_snr_s0-dddd4444", "10.0.0.2", 4242)  # a later trial on node 2 gets pid 4242 again
+        console.scanned = -1e9  # as after RESCAN_S seconds
+        print("(RayTrainWorker pid=4242, ip=10.0.0.2) [akod] step 8/8 loss 0.2")
+    assert capsys.readouterr().out.splitlines() == [
+        "(baseline_s0) [akod] step 2/8 loss 0.5", "(cosine_s0) [akod] step 4/8 loss 0.4",
+        "(laplace_s0-c2_00001) [akod] step 6/8 loss 0.3", "[akod] step 1/8 loss 0.9",
+        "(min_snr_s0) [akod] step 8/8 loss 0.2"]
+
+
 def test_ray_console_of_a_single_run_drops_the_prefix(tmp_path, capsys):
     from akod_ray.console import RayConsole
 

@@ -44,12 +44,21 @@ def test_pyproject_declares_the_pins_of_requirements_txt_and_test_tools_as_an_ex
     assert {requirement_name(r) for r in project["optional-dependencies"]["test"]} >= TEST_TOOLS
 
 
-def third_party_imports(sources: dict[str, str]) -> dict[str, set[str]]:
+def third_party_imports(sources: dict[str, str], module_level: bool = False) -> dict[str, set[str]]:
     """Top-level names of every module imported anywhere in ``sources`` (file -> text), outside the standard
-    library and akod_ray itself, with the files that import them."""
+    library and akod_ray itself, with the files that import them; ``module_level``: only the imports a module
+    runs when it is imported (those outside functions)."""
     found: dict[str, set[str]] = {}
     for name, text in sources.items():
-        for node in ast.walk(ast.parse(text)):
+        tree = ast.parse(text)
+        inside = set()
+        if module_level:
+            for fn in ast.walk(tree):
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    inside |= {id(n) for n in ast.walk(fn)}
+        for node in ast.walk(tree):
+            if id(node) in inside:
+                continue
             if isinstance(node, ast.Import):
                 tops = [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -89,6 +98,8 @@ def test_the_wheel_declares_every_distribution_its_modules_import(wheel):
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     runtime = {requirement_name(r) for r in requires if "extra ==" not in r}
     extras = {requirement_name(r) for r in requires if "extra == \"test\"" in r or "extra == 'test'" in r}
+    # the optional integrations' extras (mlflow, optuna): imported only inside the functions that use them
+    optional = {requirement_name(r) for r in requires if "extra ==" in r} - extras
     assert runtime == {requirement_name(r) for r in requirements_txt()}
     assert extras >= TEST_TOOLS and not runtime & TEST_TOOLS
     # Every module of the checkout is in the wheel, and the shipped classifier with it.
@@ -97,13 +108,18 @@ def test_the_wheel_declares_every_distribution_its_modules_import(wheel):
     assert "akod_ray/evaluation/weights/c10_classifier.pt" in names
     # Every import of a module in the wheel comes from a declared distribution.
     dists = packages_distributions()
-    undeclared = {}
+    undeclared, eager = {}, {}
     for top, files in third_party_imports(sources).items():
         provided = {canonical(d) for d in dists.get(top, [])}
         assert provided, f"{top} (imported by {sorted(files)}) is not installed here"
-        if not provided & runtime:
+        if not provided & (runtime | optional):
             undeclared[top] = sorted(files)
     assert not undeclared, f"imported but not declared in Requires-Dist: {undeclared}"
+    for top, files in third_party_imports(sources, module_level=True).items():
+        provided = {canonical(d) for d in dists.get(top, [])}
+        if not provided & runtime:
+            eager[top] = sorted(files)
+    assert not eager, f"an optional extra's module imported at module level (import fails without it): {eager}"
 
 
 @pytest.mark.timeout(300)

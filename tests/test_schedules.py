@@ -242,3 +242,37 @@ def test_a_too_concentrated_laplace_schedule_is_refused_naming_the_scale():
                                           r"diffusion\.T=1000 .*beta_t must lie in \(0, 0\.999\]"):
         load_config(None, ["diffusion.schedule=laplace", "diffusion.laplace_scale=0.5"])
     assert load_config(None, ["diffusion.schedule=laplace", "diffusion.laplace_scale=0.75"]).diffusion.laplace_scale == 0.75
+
+
+def test_the_laplace_centre_moves_the_quantiles_and_loc_0_is_the_old_schedule():
+    """diffusion.laplace_loc (issue 22): step t sits at the quantile 1 - t / (T - 1) of Laplace(loc, scale)
+    truncated to the shared endpoints; loc 0 gives exactly what callers without a centre got."""
+    from scipy import stats
+
+    from akod_ray.diffusion.schedules import anchor_betas, anchor_logsnr, laplace_betas
+
+    lmax, lmin, T = 9.21, -10.13, 1000
+    assert torch.equal(laplace_betas(T, lmax, lmin, 1.0), laplace_betas(T, lmax, lmin, 1.0, 0.0))
+    assert torch.equal(anchor_betas("laplace", T, lmax, lmin, 0.75), laplace_betas(T, lmax, lmin, 0.75, 0.0))
+    dist = stats.laplace(-1.5, 0.8)
+    lam = anchor_logsnr("laplace", T, lmax, lmin, 0.8, -1.5)
+    assert lam[0] == lmax and lam[-1] == lmin
+    hi, lo = dist.cdf(lmax), dist.cdf(lmin)
+    for t in (1, 100, 500, 900, 998):
+        assert lam[t].item() == pytest.approx(dist.ppf(lo + (1 - t / (T - 1)) * (hi - lo)), abs=1e-6)
+    assert lam.median().item() == pytest.approx(-1.5, abs=0.02)  # half the steps on either side of the centre
+
+
+def test_a_laplace_centre_that_breaks_the_schedule_is_refused_naming_the_centre():
+    from akod_ray.config import load_config
+    from akod_ray.errors import ConfigError
+
+    base = ["diffusion.schedule=laplace", "diffusion.laplace_scale=0.75"]
+    with pytest.raises(ConfigError, match=r"^diffusion\.laplace_loc: the laplace schedule is invalid for diffusion\.T=1000 "
+                                          r".*\(scale 0\.75, centre 2\): beta_t must lie in \(0, 0\.999\]"):
+        load_config(None, [*base, "diffusion.laplace_loc=2"])
+    with pytest.raises(ConfigError, match=r"^diffusion\.laplace_loc must be in \[-20, 20\]"):
+        load_config(None, [*base, "diffusion.laplace_loc=25"])
+    with pytest.raises(ConfigError, match=r"^diffusion\.laplace_loc must be 0 with diffusion\.schedule=akod"):
+        load_config(None, ["diffusion.schedule=akod", "dko.prior=laplace", "diffusion.laplace_loc=0.5"])
+    assert load_config(None, [*base, "diffusion.laplace_loc=-2"]).diffusion.laplace_loc == -2.0

@@ -19,6 +19,7 @@ from akod_ray.config import ARMS, load_config
 from akod_ray.sweep.trial import point_name, replace_sweep, search_space, trial_config
 from akod_ray.sweep.tuner import write_table
 from ray_helpers import CIFAR_DIR as CIFAR
+from ray_helpers import tiny_procedural
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,18 +201,10 @@ def test_smoke_sweep_survives_driver_kill_and_resumes(tmp_path):
 
 # --------------------------------------------------------------------------- resume without Tune's pickles
 
-RESUME_BASE = {
-    "run": {"num_cpus": 2, "dashboard": False},
-    "diffusion": {"T": 100},
-    "model": {"channels": [8, 8, 8, 8], "bottleneck_channels": 8, "num_res_blocks": 1, "attention_resolutions": [],
-              "dropout": 0.0},
-    "dko": {"bins": 4},
-    "data": {"source": "procedural", "train_subset": 64, "val_size": 8},
-    "train": {"batch_size": 8, "log_every": 4, "ckpt_every": 4, "sample_every": 8, "val_batch": 8, "ref_grid": 2,
-              "cpus_per_worker": 1},
-    "eval": {"sampler_steps": 4, "grid_size": 2, "fid_samples": 8},
-    "sweep": {"name": "resume", "arms": ["baseline", "cosine"], "budget": 64, "max_concurrent_trials": 1},
-}
+RESUME_BASE = tiny_procedural(
+    train={"log_every": 4, "ckpt_every": 4, "sample_every": 8},
+    sweep={"name": "resume", "arms": ["baseline", "cosine"], "budget": 64, "max_concurrent_trials": 1},
+)
 
 
 class Payload:

@@ -90,12 +90,13 @@ def quantile_logsnr(T: int, logsnr_max: float, logsnr_min: float, cdf, quantile)
 ANCHORS = ("loglinear", "edm", "laplace")  # fixed schedules within the shared endpoints; the DKO's possible priors
 
 
-def anchor_logsnr(name: str, T: int, logsnr_max: float, logsnr_min: float, laplace_scale: float = 1.0) -> torch.Tensor:
+def anchor_logsnr(name: str, T: int, logsnr_max: float, logsnr_min: float, laplace_scale: float = 1.0,
+                  laplace_loc: float = 0.0) -> torch.Tensor:
     """log-SNR [T] (float64) of an anchor schedule within [logsnr_min, logsnr_max]:
 
     loglinear   linear in t (uniform log-SNR under uniform t)
     edm         the quantiles of EDM's training noise levels, N(2.4, 2.4^2) (Karras et al. 2022)
-    laplace     the quantiles of Laplace(0, laplace_scale) (Hang et al. 2024)
+    laplace     the quantiles of Laplace(laplace_loc, laplace_scale) (Hang et al. 2024 centre it at 0)
     """
     if name == "loglinear":
         return torch.linspace(logsnr_max, logsnr_min, T, dtype=torch.float64)
@@ -103,15 +104,19 @@ def anchor_logsnr(name: str, T: int, logsnr_max: float, logsnr_min: float, lapla
         return quantile_logsnr(T, logsnr_max, logsnr_min, lambda x: _normal_cdf(x, EDM_LOGSNR_MEAN, EDM_LOGSNR_STD),
                                lambda p: _normal_quantile(p, EDM_LOGSNR_MEAN, EDM_LOGSNR_STD))
     if name == "laplace":
-        return quantile_logsnr(T, logsnr_max, logsnr_min, lambda x: _laplace_cdf(x, 0.0, laplace_scale),
-                               lambda p: _laplace_quantile(p, 0.0, laplace_scale))
+        return quantile_logsnr(T, logsnr_max, logsnr_min, lambda x: _laplace_cdf(x, laplace_loc, laplace_scale),
+                               lambda p: _laplace_quantile(p, laplace_loc, laplace_scale))
     raise ValueError(f"anchor schedule must be one of {ANCHORS}, got {name!r}")
 
 
-def anchor_betas(name: str, T: int, logsnr_max: float, logsnr_min: float, laplace_scale: float = 1.0) -> torch.Tensor:
+def anchor_betas(name: str, T: int, logsnr_max: float, logsnr_min: float, laplace_scale: float = 1.0,
+                 laplace_loc: float = 0.0) -> torch.Tensor:
     """Betas of :func:`anchor_logsnr`, validated (a too concentrated one has beta_t > 0.999 at its ends)."""
-    what = f"laplace schedule (scale {laplace_scale:g})" if name == "laplace" else f"{name} schedule"
-    return validate_betas(betas_from_logsnr(anchor_logsnr(name, T, logsnr_max, logsnr_min, laplace_scale)), T, name=what)
+    what = f"{name} schedule"
+    if name == "laplace":
+        what = f"laplace schedule (scale {laplace_scale:g}" + (f", centre {laplace_loc:g})" if laplace_loc else ")")
+    lam = anchor_logsnr(name, T, logsnr_max, logsnr_min, laplace_scale, laplace_loc)
+    return validate_betas(betas_from_logsnr(lam), T, name=what)
 
 
 def edm_betas(T: int, logsnr_max: float, logsnr_min: float) -> torch.Tensor:
@@ -119,9 +124,9 @@ def edm_betas(T: int, logsnr_max: float, logsnr_min: float) -> torch.Tensor:
     return anchor_betas("edm", T, logsnr_max, logsnr_min)
 
 
-def laplace_betas(T: int, logsnr_max: float, logsnr_min: float, scale: float) -> torch.Tensor:
-    """laplace: log-SNR at the quantiles of Laplace(0, scale) (Hang et al. 2024), within the shared endpoints."""
-    return anchor_betas("laplace", T, logsnr_max, logsnr_min, scale)
+def laplace_betas(T: int, logsnr_max: float, logsnr_min: float, scale: float, loc: float = 0.0) -> torch.Tensor:
+    """laplace: log-SNR at the quantiles of Laplace(loc, scale) (Hang et al. 2024: loc 0), within the shared endpoints."""
+    return anchor_betas("laplace", T, logsnr_max, logsnr_min, scale, loc)
 
 
 FIXED_SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}

@@ -31,10 +31,13 @@ def point_name(point: dict) -> str:
     return f"{point['arm']}{k}_s{point['seed']}"
 
 
-def trial_config(base: Config, point: dict, run_root: str, trial_id: str) -> Config:
+def trial_config(base: Config, point: dict, run_root: str, trial_id: str, searched: dict | None = None) -> Config:
     """The base config with the point's arm (its schedule and network switches, ARM_SPECS), filter
-    size and seed, and the sweep's equal budget."""
+    size and seed, the sweep's equal budget, and a search's values (``{"diffusion.laplace_scale": 1.2}``)."""
     d = config_to_dict(base)
+    for key, value in (searched or {}).items():
+        section, name = key.split(".")
+        d[section][name] = value
     spec = ARM_SPECS[point["arm"]]
     for section, fields in spec.switches().items():  # the arm's switches, never the base's
         d[section].update(fields)
@@ -52,8 +55,8 @@ def trial_config(base: Config, point: dict, run_root: str, trial_id: str) -> Con
     return config_from_dict(d)
 
 
-def summarize(cfg: Config, point: dict) -> dict:
-    """The trial's final numbers for Tune and the sweep table."""
+def summarize(cfg: Config, point: dict, searched: dict | None = None) -> dict:
+    """The trial's final numbers for Tune and the sweep table (with a search's values for this trial)."""
     records = read_metrics(cfg.run_dir / "metrics.jsonl")
     last = {}
     for r in records:  # later records win; fid lines carry only the fid keys
@@ -65,13 +68,28 @@ def summarize(cfg: Config, point: dict) -> dict:
         "step": last.get("step", 0), "wall_s": last.get("wall_s", math.nan),
         "ref_loss": last.get("ref_loss", math.nan), "fid_c10": last.get("fid_c10", math.nan),
         "fid_c10_n": last.get("fid_c10_n", 0), "fid": last.get("fid", math.nan), "fid_n": last.get("fid_n", 0),
-        "run_dir": str(cfg.run_dir),
+        "run_dir": str(cfg.run_dir), **(searched or {}),
     }
     if cfg.eval.target_ref_loss is not None:
         out["time_to_ref_loss_s"] = time_to_target(records, "ref_loss", cfg.eval.target_ref_loss)
     if cfg.eval.target_fid is not None:
         out["time_to_fid_c10_s"] = time_to_target(records, "fid_c10", cfg.eval.target_fid)
     return out
+
+
+REFEREE_SEED = 10_000  # + train.seed: the referee's starting noise, as bench/akod_science.py's final fid_c10
+
+
+def referee(cfg: Config, n: int) -> dict:
+    """fid_c10 of ``n`` EMA samples from the run's final checkpoint, on the common grid with the run's sampler, from
+    the same starting noise for every run of a seed (bench/akod_science.py's referee, ``final_fid``)."""
+    from akod_ray.evaluation.feature_net import DEFAULT_C10_REFERENCE
+    from akod_ray.evaluation.fid import fid_from_checkpoint
+    from akod_ray.training.checkpoint import latest_checkpoint
+
+    result = fid_from_checkpoint(latest_checkpoint(cfg.run_dir), DEFAULT_C10_REFERENCE, n=n,
+                                 seed=REFEREE_SEED + cfg.train.seed, grid="common")
+    return {"fid_c10_final": result.value, "fid_c10_final_n": result.n}
 
 
 def replace_sweep(cfg: Config, **changes) -> Config:

@@ -24,21 +24,23 @@ from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
-from akod_ray.config import Config, config_from_dict, config_to_dict, load_config, save_config, show
+from akod_ray.config import Config, config_from_dict, config_to_dict, load_config, save_config, search_ranges, show
 from akod_ray.errors import AkodError, ConfigError, one_line, root_cause
-from akod_ray.sweep.trial import point_name, search_space, summarize, trial_config
+from akod_ray.sweep.search import (ProgressReportCallback, StoppedTrialSummaries, best_line, make_scheduler,
+                                   make_searcher, plan_search, run_id_of, searched_values, values_key)
+from akod_ray.sweep.trial import point_name, referee, search_space, summarize, trial_config
 from akod_ray.training.trainer import data_dir_for, ensure_ray
 
 TABLE_COLUMNS = ["trial", "arm", "kernel_size", "seed", "schedule", "msfi", "beta_modulation", "min_snr_gamma",
                  "adaptation", "frozen", "step", "wall_s", "ref_loss", "fid_c10", "fid_c10_n", "fid", "fid_n",
-                 "time_to_ref_loss_s", "time_to_fid_c10_s"]
+                 "time_to_ref_loss_s", "time_to_fid_c10_s", "fid_c10_final", "fid_c10_final_n"]
 C10_COLUMNS, INCEPTION_COLUMNS = ("fid_c10", "fid_c10_n"), ("fid", "fid_n")
 SUMMARY_FILE = "summary.json"  # a finished trial's final numbers, in its run folder
 RUN_ID = re.compile(r"[A-Za-z0-9_]{1,40}")  # the run id after "<point name>-" in a run folder's name
-# Fields a resume may change: where Ray runs and how many trials run at once, not what a trial computes.
-RESUMABLE_CHANGES = ("run.", "sweep.max_concurrent_trials")
+# Fields a resume may change: where Ray runs, how many trials run at once and how many a search runs, not what a
+# trial computes.
+RESUMABLE_CHANGES = ("run.", "sweep.max_concurrent_trials", "sweep.num_samples")
 
 
 def concurrent_trials(cfg: Config) -> int:
@@ -51,6 +53,10 @@ def concurrent_trials(cfg: Config) -> int:
     return max(1, int(res.get("CPU", 1) // (tc.num_workers * tc.cpus_per_worker)))
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _cell(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -59,21 +65,27 @@ def _cell(v) -> str:
     return str(v)
 
 
-def table_columns(rows: list[dict], fid: str = "both") -> list[str]:
+def table_columns(rows: list[dict], fid: str = "both", searched: tuple[str, ...] = ()) -> list[str]:
     """The table's columns: Inception FID (``fid``, ``fid_n``) when a trial recorded it, beside fid_c10 (or in
-    its place with ``eval.fid: inception``); fid_c10 alone otherwise."""
+    its place with ``eval.fid: inception``); fid_c10 alone otherwise. A search's table has a column per searched
+    field after the trial's name."""
     has_fid = any(isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"]) for r in rows)
     drop = set() if has_fid else set(INCEPTION_COLUMNS)
     if has_fid and fid == "inception":
         drop |= set(C10_COLUMNS) | {"time_to_fid_c10_s"}
-    return [c for c in TABLE_COLUMNS if c not in drop]
+    columns = [c for c in TABLE_COLUMNS if c not in drop]
+    return columns[:1] + list(searched) + columns[1:]
 
 
-def write_table(rows: list[dict], sweep_dir: Path, fid: str = "both") -> tuple[Path, Path]:
+def write_table(rows: list[dict], sweep_dir: Path, fid: str = "both", searched: tuple[str, ...] = (),
+                metric: str = "fid_c10") -> tuple[Path, Path]:
     """The sweep table, one row per trial, as CSV and Markdown (each written to a temporary name and renamed);
-    ``fid``: eval.fid (:func:`table_columns`)."""
-    rows = sorted(rows, key=lambda r: (str(r.get("arm")), r.get("kernel_size") or 0, r.get("seed") or 0))
-    columns = table_columns(rows, fid)
+    ``fid``: eval.fid (:func:`table_columns`). A search's table lists its trials best first (lowest ``metric``)."""
+    if searched:
+        rows = sorted(rows, key=lambda r: (not _finite(r.get(metric)), r.get(metric) if _finite(r.get(metric)) else 0))
+    else:
+        rows = sorted(rows, key=lambda r: (str(r.get("arm")), r.get("kernel_size") or 0, r.get("seed") or 0))
+    columns = table_columns(rows, fid, searched)
     csv_path, md_path = sweep_dir / "sweep_table.csv", sweep_dir / "sweep_table.md"
     csv_tmp = csv_path.with_name(csv_path.name + ".tmp")
     with csv_tmp.open("w", newline="") as f:
@@ -140,17 +152,22 @@ class SweepProgress(tune.Callback):
 # --------------------------------------------------------------------------- trials
 
 
-def sweep_trial_fn(base_dict: dict, run_root: str, data_dir: str | None):
-    """The Tune trainable: one arm, in the run folder named by the trial's ``run_id`` (chosen by the
-    sweep, not by Tune, so that a resumed sweep finds it); a finished trial leaves ``summary.json``."""
+def sweep_trial_fn(base_dict: dict, run_root: str, data_dir: str | None, resume_ids: dict[str, str] | None = None,
+                   carry: tuple[str, ...] = ()):
+    """The Tune trainable: one arm (with a search's values), in the run folder named by the trial's run id
+    (:func:`run_id_of`: chosen by the sweep or kept from an unfinished search trial, so that a resumed sweep finds
+    it); a finished trial leaves ``summary.json``. Every Train report reaches Tune, with ``carry``'s latest values."""
 
     def akod_trial(config: dict) -> None:
         from akod_ray.run import train
 
-        point, run_id = config["trial"]["point"], config["trial"]["run_id"]
-        cfg = trial_config(config_from_dict(base_dict), point, run_root, run_id)
-        train(cfg, data_dir, run_id=run_id, callbacks=[TuneReportCallback()])
-        summary = summarize(cfg, point)
+        point, searched = config["trial"]["point"], searched_values(config)
+        run_id = run_id_of(config, tune.get_context().get_trial_id(), resume_ids or {})
+        cfg = trial_config(config_from_dict(base_dict), point, run_root, run_id, searched)
+        train(cfg, data_dir, run_id=run_id, callbacks=[ProgressReportCallback(carry)], track=False)  # the sweep tracks
+        summary = summarize(cfg, point, searched)
+        if cfg.sweep.referee_samples:
+            summary.update(referee(cfg, cfg.sweep.referee_samples))
         write_summary(cfg.run_dir, summary)
         tune.report(summary)
 
@@ -228,6 +245,7 @@ def resume_config(cfg: Config, sweep_dir: Path) -> Config:
     d = config_to_dict(saved)
     d["run"] = config_to_dict(cfg)["run"]
     d["sweep"]["max_concurrent_trials"] = cfg.sweep.max_concurrent_trials
+    d["sweep"]["num_samples"] = cfg.sweep.num_samples
     return config_from_dict(d)
 
 
@@ -246,46 +264,103 @@ def run_sweep(config_path: str | None, overrides: list[str], data_dir_flag: str 
     elif (sweep_dir / "config.yaml").exists() or tune.Tuner.can_restore(str(sweep_dir)):
         raise AkodError(f"sweep folder {str(sweep_dir)!r} already holds a sweep; pass --resume to continue it "
                         "or set sweep.name to start another")
-    done, todo = plan_trials(cfg, runs_dir)
+    search = cfg.sweep.search == "optuna"
+    done, to_run, resume_ids, tune_args = plan(cfg, runs_dir)
     if not resume:
         save_config(cfg, sweep_dir)
     rows = list(done)
-    if todo:
+    if to_run:
         from akod_ray.evaluation.fid_run import prepare_inception_reference
 
         trial_base = prepare_inception_reference(cfg, data_dir, sweep_dir)  # the sweep's config.yaml keeps eval.fid as asked
         start_ray(cfg)
-        trainable = tune.with_resources(sweep_trial_fn(config_to_dict(trial_base), str(runs_dir), data_dir),
+        carry = (cfg.sweep.metric,) if search else ()  # Tune refuses a result without its searcher's metric
+        trainable = tune.with_resources(sweep_trial_fn(config_to_dict(trial_base), str(runs_dir), data_dir, resume_ids,
+                                                       carry),
                                         {"CPU": 0, "TRAIN_DRIVER": 1})
         concurrency = concurrent_trials(cfg)
+        name, dirname = trial_namers(resume_ids)
+        param_space = tune_args.pop("param_space")
         tuner = tune.Tuner(  # always a fresh experiment: Tune's pickled state of an earlier attempt is never read
             trainable,
-            param_space={"trial": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_name_creator=trial_name,
-                                        trial_dirname_creator=trial_dirname),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_name_creator=name,
+                                        trial_dirname_creator=dirname, **tune_args),
             run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(root), verbose=None if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=[SweepProgress(len(done) + len(todo), len(done), concurrency)]),
+                                      callbacks=sweep_callbacks(trial_base, runs_dir, resume_ids, len(done), to_run,
+                                                                concurrency)),
         )
-        rows += [_row(result) for result in tuner.fit()]
-    write_table(rows, sweep_dir, cfg.eval.fid)
+        results = [_row(result) for result in tuner.fit()]
+        # a search's finished trials, stopped ones included, from their summaries; failed ones from Tune
+        rows = plan_search(cfg, runs_dir)[0] + [r for r in results if "error" in r] if search else rows + results
+    return finish_sweep(cfg, sweep_dir, rows)
+
+
+def plan(cfg: Config, runs_dir: Path) -> tuple[list[dict], int, dict[str, str], dict]:
+    """(rows of the finished trials, how many trials to run, the run ids of unfinished search trials by their values,
+    the Tuner's param_space and TuneConfig arguments)."""
+    if cfg.sweep.search == "grid":
+        done, todo = plan_trials(cfg, runs_dir)
+        return done, len(todo), {}, {"param_space": {"trial": tune.grid_search(todo)}}
+    done, pending = plan_search(cfg, runs_dir)
+    to_run = max(0, cfg.sweep.num_samples - len(done))
+    pending = pending[:to_run]
+    args = {"param_space": {"trial": {"point": search_space(cfg)[0]}}, "num_samples": to_run,
+            "scheduler": make_scheduler(cfg)}
+    if to_run:
+        args["search_alg"] = make_searcher(cfg, done, pending)
+    return done, to_run, {values_key(v): run_id for v, run_id in pending}, args
+
+
+def sweep_callbacks(cfg: Config, runs_dir: Path, resume_ids: dict[str, str], done: int, to_run: int,
+                    concurrency: int) -> list:
+    """Progress lines; with a scheduler, the summaries of the trials it stopped; with MLflow, the trials' runs."""
+    callbacks = [SweepProgress(done + to_run, done, concurrency)]
+    if cfg.sweep.scheduler != "none":
+        callbacks.append(StoppedTrialSummaries(config_to_dict(cfg), runs_dir, resume_ids))
+    if cfg.run.tracking == "mlflow":
+        from akod_ray.sweep.tracking import SweepTracking
+
+        callbacks.append(SweepTracking(cfg, runs_dir, resume_ids))
+    return callbacks
+
+
+def finish_sweep(cfg: Config, sweep_dir: Path, rows: list[dict]) -> Path:
+    """The table, a search's best trial, the report (and the sweep's MLflow run); one error for failed trials."""
     from akod_ray.reporting.report import write_report
 
+    search = cfg.sweep.search == "optuna"
+    write_table(rows, sweep_dir, cfg.eval.fid, tuple(search_ranges(cfg.sweep.search_space)) if search else (),
+                cfg.sweep.metric)
+    if search and (line := best_line(cfg, rows)):
+        print(line, flush=True)
     errors = [r for r in rows if "error" in r]
     report = write_report(sweep_dir)
+    if cfg.run.tracking == "mlflow":
+        from akod_ray.sweep.tracking import log_sweep
+
+        log_sweep(cfg, sweep_dir)
     if errors:
         raise AkodError(f"{len(errors)} of {len(rows)} trials failed (first: {errors[0]['trial']}: {errors[0]['error']}); "
                         f"table and report in {sweep_dir}")
     return report
 
 
-def trial_name(trial) -> str:
-    """Tune's name of a trial: its point (akod_k7_s0), as in the run folders and the table."""
-    return point_name(trial.config["trial"]["point"])
+def trial_namers(resume_ids: dict[str, str]):
+    """Tune's (trial_name_creator, trial_dirname_creator): a grid trial is named by its point (akod_k7_s0), a
+    search trial by its run folder (laplace_s0-<run id>), as in the run folders and the table."""
 
+    def name(trial) -> str:
+        point = point_name(trial.config["trial"]["point"])
+        if "search" not in trial.config:
+            return point
+        return f"{point}-{run_id_of(trial.config, trial.trial_id, resume_ids)}"
 
-def trial_dirname(trial) -> str:
-    return f"{trial_name(trial)}_{trial.trial_id}"
+    def dirname(trial) -> str:
+        return f"{name(trial)}_{trial.trial_id}" if "search" not in trial.config else name(trial)
+
+    return name, dirname
 
 
 def _row(result) -> dict:
@@ -294,6 +369,9 @@ def _row(result) -> dict:
     point = ((result.config or {}).get("trial") or {}).get("point") or {}
     m.setdefault("arm", point.get("arm"))
     m["trial"] = point_name(point) if point else m.get("trial_id")
+    if "search" in (result.config or {}):  # a search trial: its run folder's name, and the values it was given
+        m["trial"] = Path(m["run_dir"]).name if m.get("run_dir") else f"{m['trial']}-{m.get('trial_id')}"
+        m.update(searched_values(result.config))
     if result.error is not None:
         cause = root_cause(result.error)
         m["error"] = (str(cause) if isinstance(cause, AkodError) else f"{type(cause).__name__}: {one_line(cause)}")[:300]

@@ -13,10 +13,10 @@ Phases of :func:`run_training`:
      b. one train step (micro-batches, all-reduce under DDP), EMA update; its t, noise and
         dropout draws depend on (train.seed, rank, step) only (:func:`step_seed`);
      c. at a segment end, the source hears of it (the AKOD source posts the segment's rewards);
-     d. at intervals: metrics record, fid_c10, sample grid, checkpoint (one report each), each
-        at most once per step, after the divergence check (a NaN or inf loss or gradient norm
-        on any worker stops every worker: :meth:`TrainingRun.read_loss`), with the EMA weights
-        in eval mode.
+     d. at intervals: metrics record, fid_c10, sample grid, checkpoint, each at most once per step,
+        after the divergence check (a NaN or inf loss or gradient norm on any worker stops every
+        worker: :meth:`TrainingRun.read_loss`), with the EMA weights in eval mode; then one report
+        (with the checkpoint when one is due), so Train and Tune see every log interval.
 
 Budget. ``train.max_wall_s`` counts budget seconds on ``train.budget_clock`` (wall-clock, or
 this process's CPU time): everything but evaluation (metrics records, fid_c10, sample grids),
@@ -213,6 +213,15 @@ class MetricsLog:
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, record["step"])
+        self.tb.flush()
+
+    def image(self, path: Path, step: int) -> None:
+        """A sample grid (PNG) into TensorBoard's images, beside the scalars."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.tb.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
         self.tb.flush()
 
     def close(self) -> None:
@@ -463,11 +472,11 @@ class TrainingRun:
             **{f"other_{k}_s": v for k, v in self.timers.other.items()},
         }
 
-    def sample_grid(self) -> None:
+    def sample_grid(self) -> Path:
         g = torch.Generator(device=self.env.device).manual_seed(self.tc.seed)
         n = self.cfg.eval.grid_size**2
         images = sample_as_configured(self.cfg, self._eval_model(), self.sampling_process, n, g, self.env.device)
-        save_grid(images, self.run_dir / "samples" / f"grid_{self.step:08d}.png", self.cfg.eval.grid_size)
+        return save_grid(images, self.run_dir / "samples" / f"grid_{self.step:08d}.png", self.cfg.eval.grid_size)
 
     # ------------------------------------------------------------------ 3. the loop
 
@@ -518,11 +527,16 @@ class TrainingRun:
                     print(f"[akod] step {self.step} fid_c10 {fid['fid_c10']:.3f} (N={fid['fid_c10_n']})", flush=True)
         if env.rank == 0 and "samples" in due:
             with timers.measure("samples"):
-                self.sample_grid()
+                grid = self.sample_grid()
+                if self.log is not None:
+                    self.log.image(grid, self.step)
         if "checkpoint" in due:
             with timers.measure("checkpoint"):
                 env.report(self.record or {"step": self.step}, self.checkpoint_state() if env.rank == 0 else None,
                            self.step)
+        elif due & {"metrics", "fid"}:  # progress for Train, Tune and the Dashboard at every log interval
+            with timers.measure("report"):
+                env.report(self.record, None, self.step)
 
     def run(self) -> dict:
         cfg, tc, env, timers = self.cfg, self.tc, self.env, self.timers

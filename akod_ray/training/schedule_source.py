@@ -17,7 +17,7 @@ def fixed_betas(cfg: Config):
     if d.schedule == "edm":
         return edm_betas(d.T, *ends)
     if d.schedule == "laplace":
-        return laplace_betas(d.T, *ends, d.laplace_scale)
+        return laplace_betas(d.T, *ends, d.laplace_scale, d.laplace_loc)
     return fixed_schedule(d.schedule, d.T)
 
 

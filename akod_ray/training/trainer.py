@@ -23,6 +23,10 @@ from akod_ray.errors import AkodError, CheckpointError, ConfigError, DataError
 from akod_ray.training.schedule_source import fixed_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Ray Train's controller takes one report from each worker per poll, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default), and the loop reports at every log interval: reports that come faster queue up, and the run waits for the
+# queue at its next checkpoint. Poll every 0.5 s unless the variable is set (the driver's value reaches the controller).
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 def check_ray_address(address: str, field: str, timeout_s: float = 5.0) -> None:
@@ -174,6 +178,7 @@ def unwrap_worker_error(err: BaseException) -> BaseException:
 def build_trainer(cfg: Config, loop_config: dict, callbacks: list | None = None) -> TorchTrainer:
     from akod_ray.training.worker_loop import train_worker
 
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     tc = cfg.train
     scaling = ray.train.ScalingConfig(
         num_workers=tc.num_workers,
@@ -197,8 +202,12 @@ def build_trainer(cfg: Config, loop_config: dict, callbacks: list | None = None)
 
 
 def loop_config_for(cfg: Config, data_dir: str | None, run_dir: Path, **extra) -> dict:
+    """The workers' settings; ``tracking``: the MLflow run rank 0 logs its metrics into, when the driver opened one."""
+    from akod_ray.tracking import worker_settings
+
+    tracking = worker_settings(run_dir) if cfg.run.tracking == "mlflow" else None
     return {"config": config_to_dict(cfg), "data_dir": data_dir, "run_dir": str(run_dir.resolve()),
-            "cpus_per_worker": cfg.train.cpus_per_worker, **extra}
+            "cpus_per_worker": cfg.train.cpus_per_worker, "tracking": tracking, **extra}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

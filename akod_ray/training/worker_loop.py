@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -24,11 +25,19 @@ from akod_ray.training.schedule_source import fixed_source
 
 
 class RayTrainEnv:
-    def __init__(self):
+    def __init__(self, tracking: dict | None = None):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.metrics = None  # rank 0 logs what it reports to MLflow when the driver opened a run (akod_ray.tracking)
+        if tracking and self.rank == 0:
+            from akod_ray.tracking import WorkerMetrics
+
+            try:
+                self.metrics = WorkerMetrics(tracking)
+            except Exception as e:  # noqa: BLE001 - tracking is a convenience: a server this node cannot reach
+                print(f"[akod] MLflow logging off: {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=self.device)
@@ -61,9 +70,18 @@ class RayTrainEnv:
             return load_state(d, map_location="cpu")
 
     def report(self, metrics: dict, state: dict | None, step: int) -> None:
-        """One round trip to the Train controller: metrics, and rank 0's checkpoint."""
+        """Metrics, and rank 0's checkpoint, to the Train controller (and to MLflow, on rank 0 when tracking).
+
+        Without a checkpoint the report goes out asynchronously: Train's result queue holds one report and its
+        controller takes it every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), so a synchronous report at every log
+        interval would wait up to that long; asynchronous, only the ranks' agreement on the report waits
+        (BENCHMARKS.md, "Reporting at every log interval"). A checkpoint report stays synchronous, after the
+        reports before it."""
+        if self.metrics is not None:
+            self._track(metrics)
         if state is None:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(step))
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(step),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
             return
         tmp = Path(tempfile.mkdtemp(prefix="akod_ckpt_"))
         try:
@@ -74,6 +92,14 @@ class RayTrainEnv:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+    def _track(self, metrics: dict) -> None:
+        try:
+            self.metrics.log(metrics)
+        except Exception as e:  # noqa: BLE001 - tracking is a convenience: a lost server never stops training
+            self.metrics = None
+            print(f"[akod] MLflow logging stopped: {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
+
+
 def train_worker(loop_config: dict) -> None:
     """Per-worker entry point: 1. config, 2. env, 3. data, 4. schedules, 5. the loop.
 
@@ -82,11 +108,13 @@ def train_worker(loop_config: dict) -> None:
     """
     cfg = config_from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    env = RayTrainEnv()
+    env = RayTrainEnv(loop_config.get("tracking"))
     if env.device.type == "cpu" and loop_config.get("cpus_per_worker"):
         torch.set_num_threads(int(loop_config["cpus_per_worker"]))
     pid_dir = run_dir / "workers"
     pid_dir.mkdir(parents=True, exist_ok=True)
+    # the node beside the pid (first: the console names a line's trial by (node, pid), as pids repeat across nodes)
+    (pid_dir / f"rank{env.rank}.node").write_text(ray.util.get_node_ip_address())
     (pid_dir / f"rank{env.rank}.pid").write_text(str(os.getpid()))  # for operators and fault tests
     data = load_training_data(cfg, loop_config.get("data_dir"))
     # the AKOD driver passes its source (akod_ray.rl.worker_source); training/ never imports rl/
