@@ -180,3 +180,26 @@ def test_asha_cuts_at_rungs_of_the_budget_in_steps_or_budget_seconds():
     asha = make_scheduler(timed)
     assert (asha._time_attr, asha._max_t) == ("budget_s", 360.0)
     assert [m for m, _ in asha._brackets[0]._rungs] == [pytest.approx(324.0), pytest.approx(108.0), pytest.approx(36.0)]
+
+
+def test_the_search_referee_scores_a_trial_as_the_science_experiment_scores_a_run(tmp_path):
+    """sweep.referee_samples judges a trial exactly as bench/akod_science.py's final fid_c10 judges a run: the same
+    EMA samples from the same starting noise (seed 10,000 + train.seed), so the same fid_c10."""
+    import dataclasses
+    import sys
+
+    from checkpoint_helpers import make_checkpoint, tiny_config
+    from ray_helpers import REPO
+
+    from akod_ray.sweep.trial import referee
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import akod_science
+
+    cfg = tiny_config(tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=3))
+    make_checkpoint(cfg.run_dir, cfg=cfg)
+    got = referee(cfg, 16)
+    assert math.isfinite(got["fid_c10_final"]) and got["fid_c10_final_n"] == 16
+    assert got["fid_c10_final"] == akod_science.final_fid(cfg, 16, 3)["fid_c10_final"]
+    assert got != referee(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=4)), 16)  # other noise
