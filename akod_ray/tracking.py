@@ -283,17 +283,12 @@ class RunTracking:
     """The driver's side of one run's MLflow run (``akod train``): params first, artifacts and PPO at the end."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.uri, self.run_dir = cfg, tracking_uri(cfg), cfg.run_dir.resolve()
+        self.uri, self.run_dir = tracking_uri(cfg), cfg.run_dir.resolve()
         self.client = _client(self.uri)
         tags = {"akod.run_dir": str(self.run_dir), "akod.schedule": cfg.diffusion.schedule}
-        self.saved = open_run(self.client, self.uri, self.run_dir, experiment_name(cfg), cfg.run.name, tags, "train")
-        self.run_id = self.saved["run_id"]
+        self.run_id = open_run(self.client, self.uri, self.run_dir, experiment_name(cfg), cfg.run.name, tags,
+                               "train")["run_id"]
         log_params(self.client, self.run_id, flat_params(cfg))
-
-    def worker_settings(self) -> dict:
-        """What rank 0 needs to log the metrics into this run (loop_config["tracking"])."""
-        return {"tracking_uri": self.uri, "experiment_id": self.saved["experiment_id"], "run_id": self.run_id,
-                "run_name": self.cfg.run.name}
 
     def finish(self, failed: bool) -> None:
         """The run's files, its report (if it finished) and its status. A tracking server lost at the end costs

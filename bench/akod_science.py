@@ -122,17 +122,6 @@ def training_data(cfg):
     return TrainingData(_DATA["train"], val)
 
 
-def fid_of(cfg, model, process, n: int, seed: int, grid: str) -> float:
-    """fid_c10 of n samples of ``model`` (the run's sampler, on ``grid``)."""
-    import torch
-
-    from akod_ray.evaluation.fid import default_c10_reference, fid_c10
-    from akod_ray.evaluation.sampling import sample_as_configured
-
-    images = sample_as_configured(cfg, model, process, n, torch.Generator().manual_seed(seed), "cpu", grid=grid)
-    return fid_c10(images.float(), default_c10_reference())
-
-
 def initial_fid(cfg, data) -> dict:
     """The step-0 point of the fid_c10 curve: the initial EMA weights (= the initial weights), exactly as
     the loop would evaluate them (the same model construction and seed, the same sampling). The
@@ -156,11 +145,13 @@ def initial_fid(cfg, data) -> dict:
 
 def final_fid(cfg, n: int, seed: int) -> dict:
     """fid_c10 of n EMA samples from the run's final checkpoint, on the common grid and on its own schedule."""
+    from akod_ray.sweep.trial import REFEREE_SEED, samples_fid_c10
     from akod_ray.training.checkpoint import latest_checkpoint, load_for_sampling
 
     model, process, _ = load_for_sampling(latest_checkpoint(cfg.run_dir))
-    return {"fid_c10_final": fid_of(cfg, model, process, n, 10_000 + seed, "common"),
-            "fid_c10_final_own_grid": fid_of(cfg, model, process, n, 10_000 + seed, "own"), "fid_c10_final_n": n}
+    return {"fid_c10_final": samples_fid_c10(cfg, model, process, n, REFEREE_SEED + seed, "common"),
+            "fid_c10_final_own_grid": samples_fid_c10(cfg, model, process, n, REFEREE_SEED + seed, "own"),
+            "fid_c10_final_n": n}
 
 
 def policy_gain(cfg, data, steps: int, reps: int) -> dict:

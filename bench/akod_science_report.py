@@ -359,6 +359,9 @@ def write_report(out: Path, arms: list[str], write_results: bool = True) -> None
             key = f"{'learned' if arm == learned else arm}_vs_best_fixed_fid_c10_ratio_2x_budget"
             ratio_key(figures, key, twice[arm], twice[best_fixed])
             second.append((arm, key))
+    for arm in twice:  # the same arm and seed at 2x against 1x: does more training help at all?
+        if arm in by_arm:
+            ratio_key(figures, f"{arm}_2x_vs_1x_budget_fid_c10_ratio", twice[arm], by_arm[arm])
     pairs_file = out.parent / "reward_pairs" / "summary.json"
     pairs = json.loads(pairs_file.read_text()) if pairs_file.exists() else None
 

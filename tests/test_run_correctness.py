@@ -196,9 +196,11 @@ class CountingEnv(LocalEnv):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.reports: list[int] = []
+        self.with_checkpoint: list[bool] = []
 
     def report(self, metrics, state, step):
         self.reports.append(step)
+        self.with_checkpoint.append(state is not None)
         super().report(metrics, state, step)
 
 
@@ -224,7 +226,9 @@ def test_a_budget_spent_at_a_segment_start_evaluates_the_last_step_once(tmp_path
     last = run.run()
     fid = [4] if "fid_c10" in last else []  # fid_c10 at the end, when the shipped classifier is there
     assert [r["step"] for r in records(cfg.run_dir)] == [2, 4] + fid  # each interval record once
-    assert env.reports == [4]  # one checkpoint at the last step
+    # a report at every evaluation (issue 22: Tune sees progress live), each once; one checkpoint, at the last step;
+    # the final fid_c10 (due only once the run ends) reaches Tune in a report of its own
+    assert list(zip(env.reports, env.with_checkpoint)) == [(2, False), (4, True)] + [(4, False) for _ in fid]
     assert sorted(p.name for p in (cfg.run_dir / "samples").iterdir()) == ["grid_00000004.png"]
     assert last["step"] == 4 and last["img_per_s"] > 0
 

@@ -62,6 +62,7 @@ def test_the_cpu_search_config_is_the_science_setup():
     assert (cfg.train.budget_clock, cfg.sweep.budget_kind, cfg.sweep.budget, cfg.run.num_cpus) == ("cpu", "seconds", 360, 1)
     assert (cfg.eval.sampler, cfg.eval.sampler_steps, cfg.eval.sampling_grid) == ("heun", 20, "common")
     assert (cfg.sweep.metric, cfg.sweep.referee_samples, cfg.sweep.max_concurrent_trials) == ("fid_c10_final", 2000, 1)
+    assert cfg.train.steps == 6000  # bench/akod_science.py step_cap(360): a cap that never binds at 360 CPU-s
 
 
 def test_an_unfinished_trial_is_asked_again_in_its_folder_and_finished_ones_are_told(tmp_path):
@@ -179,3 +180,26 @@ def test_asha_cuts_at_rungs_of_the_budget_in_steps_or_budget_seconds():
     asha = make_scheduler(timed)
     assert (asha._time_attr, asha._max_t) == ("budget_s", 360.0)
     assert [m for m, _ in asha._brackets[0]._rungs] == [pytest.approx(324.0), pytest.approx(108.0), pytest.approx(36.0)]
+
+
+def test_the_search_referee_scores_a_trial_as_the_science_experiment_scores_a_run(tmp_path):
+    """sweep.referee_samples judges a trial exactly as bench/akod_science.py's final fid_c10 judges a run: the same
+    EMA samples from the same starting noise (seed 10,000 + train.seed), so the same fid_c10."""
+    import dataclasses
+    import sys
+
+    from checkpoint_helpers import make_checkpoint, tiny_config
+    from ray_helpers import REPO
+
+    from akod_ray.sweep.trial import referee
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import akod_science
+
+    cfg = tiny_config(tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=3))
+    make_checkpoint(cfg.run_dir, cfg=cfg)
+    got = referee(cfg, 16)
+    assert math.isfinite(got["fid_c10_final"]) and got["fid_c10_final_n"] == 16
+    assert got["fid_c10_final"] == akod_science.final_fid(cfg, 16, 3)["fid_c10_final"]
+    assert got != referee(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=4)), 16)  # other noise

@@ -77,19 +77,29 @@ def summarize(cfg: Config, point: dict, searched: dict | None = None) -> dict:
     return out
 
 
-REFEREE_SEED = 10_000  # + train.seed: the referee's starting noise, as bench/akod_science.py's final fid_c10
+REFEREE_SEED = 10_000  # + train.seed: the referee's starting noise (bench/akod_science.py's final fid_c10 too)
+
+
+def samples_fid_c10(cfg: Config, model, process, n: int, seed: int, grid: str) -> float:
+    """fid_c10 of ``n`` samples of ``model`` with the run's sampler on ``grid``, all drawn from one generator seeded
+    ``seed``: the referee of a search (:func:`referee`) and of bench/akod_science.py."""
+    import torch
+
+    from akod_ray.evaluation.fid import default_c10_reference, fid_c10
+    from akod_ray.evaluation.sampling import sample_as_configured
+
+    images = sample_as_configured(cfg, model, process, n, torch.Generator().manual_seed(seed), "cpu", grid=grid)
+    return fid_c10(images.float(), default_c10_reference())
 
 
 def referee(cfg: Config, n: int) -> dict:
-    """fid_c10 of ``n`` EMA samples from the run's final checkpoint, on the common grid with the run's sampler, from
-    the same starting noise for every run of a seed (bench/akod_science.py's referee, ``final_fid``)."""
-    from akod_ray.evaluation.feature_net import DEFAULT_C10_REFERENCE
-    from akod_ray.evaluation.fid import fid_from_checkpoint
-    from akod_ray.training.checkpoint import latest_checkpoint
+    """fid_c10 of ``n`` EMA samples from the run's final checkpoint on the common grid, from the same starting noise
+    for every run of a seed: exactly bench/akod_science.py's ``final_fid`` on the common grid."""
+    from akod_ray.training.checkpoint import latest_checkpoint, load_for_sampling
 
-    result = fid_from_checkpoint(latest_checkpoint(cfg.run_dir), DEFAULT_C10_REFERENCE, n=n,
-                                 seed=REFEREE_SEED + cfg.train.seed, grid="common")
-    return {"fid_c10_final": result.value, "fid_c10_final_n": result.n}
+    model, process, _ = load_for_sampling(latest_checkpoint(cfg.run_dir))
+    return {"fid_c10_final": samples_fid_c10(cfg, model, process, n, REFEREE_SEED + cfg.train.seed, "common"),
+            "fid_c10_final_n": n}
 
 
 def replace_sweep(cfg: Config, **changes) -> Config:

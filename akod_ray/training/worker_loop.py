@@ -93,7 +93,6 @@ class RayTrainEnv:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-
     def _track(self, metrics: dict) -> None:
         try:
             self.metrics.log(metrics)
