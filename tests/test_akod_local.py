@@ -153,6 +153,7 @@ def test_an_akod_resume_never_unpickles_what_is_planted_in_the_run_folder(tmp_pa
 
     from akod_ray.errors import CheckpointError
     from akod_ray.rl.driver import load_broker_state, resume_policy
+    from akod_ray.training.checkpoint import latest_checkpoint
     from akod_ray.rl.env import make_env_config
     from akod_ray.rl.ppo import build_ppo, rl_state_dict
 
@@ -169,7 +170,7 @@ def test_an_akod_resume_never_unpickles_what_is_planted_in_the_run_folder(tmp_pa
         load_broker_state(rl / "broker_state.pt")
     algo = build_ppo(cfg, make_env_config(cfg, "payload"))
     try:
-        dko = resume_policy(algo, cfg.run_dir)  # the policy comes back from the checkpoint's plain tensors
+        dko = resume_policy(algo, latest_checkpoint(cfg.run_dir))  # the policy comes back from the checkpoint's plain tensors
         assert dko is not None
         restored = rl_state_dict(algo)
         assert all(torch.equal(restored[k], v) for k, v in dko["module"].items())

@@ -183,6 +183,29 @@ def test_answered_trunk_segments_are_kept_for_a_restarted_group_to_replay():
     assert e.set_state(state) is True and e.replay_from(0) == []
 
 
+def test_a_new_driver_restores_the_replay_and_counters_but_not_the_dead_drivers_requests():
+    """An AKOD run resumed after its driver was killed: the saved state can be older than the checkpoint the trunk
+    resumes from, so a request it holds may carry the slots of an earlier step. The dead driver's envs are gone:
+    the new broker keeps the answered windows (replay) and the request ids, not the requests, their results or the
+    latest state (which would show the new learner old slots before rank 0 announces its own)."""
+    from akod_ray.rl.broker import for_a_new_driver
+
+    old = client("dead-driver")
+    rids = [old.submit(dict(schedule(i), slots=[float(i)])) for i in range(3)]
+    assert old.next_request(5.0)[0] == rids[0]
+    old.post_result(rids[0], {"reward": 0.1, "step": 10, "kind": "trunk"})
+    assert old.next_request(5.0)[0] == rids[1]  # in flight when the driver died; rids[2] pending
+    state = old.get_state()
+
+    new = client("new-driver")
+    assert new.set_state(for_a_new_driver(state), only_if_fresh=True) is True
+    assert new.replay_from(0) == [[rids[0], dict(schedule(0), slots=[0.0]), 10]]
+    assert new.next_request(0.2, resume=True) is None  # neither the one in flight nor the pending one
+    assert new.latest_result() is None
+    assert new.status()["num_answered"] == 1
+    assert new.submit(schedule(7)) == rids[-1] + 1  # ids never repeat: a late answer can't be taken for a new one
+
+
 def test_close_wakes_every_waiter_and_later_calls_fail_fast():
     c = client("close", timeout_s=60.0)
     rid = c.submit(schedule(0))

@@ -17,6 +17,7 @@ import io
 import json
 import pickle
 import re
+import time
 
 import pytest
 import yaml
@@ -47,14 +48,26 @@ def bucket_env(s3, **extra) -> dict:
     return s3.child_env(akod_env(**extra))
 
 
+def settled(read, pause: float = 1.0, timeout: float = 30.0):
+    """``read()`` once two reads ``pause`` seconds apart agree. A PUT the killed driver had sent still lands after
+    the kill (the S3 server completes it), so the bucket's state is read only when nothing changes it any more."""
+    last, deadline = read(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the bucket still changed {timeout:.0f} s after the kill")
+
+
 def kill_and_rerun(akod_runs, args, env, run_dir, steps: int, every: int) -> tuple[int, list[dict], object]:
     """Start `akod`, SIGKILL it (its whole process group: the driver and its Ray) once a checkpoint is registered
     in the bucket, rerun the same command; returns (the step the rerun resumed from, the records before, rerun)."""
     first = akod_runs(args, "first", env)
     wait_for_registered_checkpoint(run_dir, first, 300, interval=0.5)
     first.kill_group()
-    registered = registered_checkpoints(run_dir)
-    before = interval_records(run_dir)
+    registered, before = settled(lambda: (registered_checkpoints(run_dir), interval_records(run_dir)))
     assert registered and registered[-1] < steps and registered[-1] % every == 0
     second = akod_runs(args, "second", env)
     rc = second.wait(420)
@@ -92,7 +105,7 @@ def test_a_fixed_run_in_a_bucket_resumes_after_a_kill_and_reads_back(s3, akod_ru
 
     # the commands that read a run, on the bucket
     from akod_ray.cli import main
-    from akod_ray.evaluation.fid import DEFAULT_C10_REFERENCE
+    from akod_ray.evaluation.feature_net import DEFAULT_C10_REFERENCE
 
     capsys.readouterr()
     assert main(["report", run_uri]) == 0, capsys.readouterr().err
@@ -103,20 +116,23 @@ def test_a_fixed_run_in_a_bucket_resumes_after_a_kill_and_reads_back(s3, akod_ru
     out = tmp_path / "grid.png"
     assert main(["sample", run_uri, "--out", str(out), "--n", "4", "--steps", "3"]) == 0, capsys.readouterr().err
     assert out.is_file()
-    if DEFAULT_C10_REFERENCE.is_file():
-        capsys.readouterr()
-        assert main(["fid", run_uri, "--ref", str(DEFAULT_C10_REFERENCE), "--n", "4", "--steps", "3"]) == 0, \
-            capsys.readouterr().err
-        assert capsys.readouterr().out.splitlines()[-1].startswith("[akod] fid_c10 = ")
+    capsys.readouterr()
+    assert main(["fid", run_uri, "--ref", str(DEFAULT_C10_REFERENCE), "--n", "4", "--steps", "3"]) == 0, \
+        capsys.readouterr().err
+    assert capsys.readouterr().out.splitlines()[-1].startswith("[akod] fid_c10 = ")
 
 
 @pytest.mark.timeout(900)
-def test_an_akod_run_in_a_bucket_resumes_after_a_kill(s3, akod_runs):
+@pytest.mark.parametrize("where", ["bucket", "folder"])
+def test_an_akod_run_resumes_after_a_kill(where, s3, akod_runs, tmp_path):
+    """The same kill and resume in a bucket and in a local folder (an AKOD run's whole driver killed, not only
+    a Train worker: tests/test_akod_ray.py)."""
     require_cifar()
     steps, every = 60, 20
-    run_dir = storage.location(s3.uri("runs", "akod"))
+    root = s3.uri("runs") if where == "bucket" else str(tmp_path / "runs")
+    run_dir = storage.location(root) / "akod"
     args = ["train", str(TUNE_CONFIGS / "tiny_akod.yaml"), *overrides(TINY, {
-        "run.root": s3.uri("runs"), "run.name": "akod", "train.num_workers": 1, "train.cpus_per_worker": 1,
+        "run.root": root, "run.name": "akod", "train.num_workers": 1, "train.cpus_per_worker": 1,
         "train.steps": steps, "train.log_every": 10, "train.ckpt_every": every, "train.sample_every": steps,
         "rl.segment_steps": 10, "rl.train_batch": 2, "rl.broker_timeout_s": 300})]
     start, _, _ = kill_and_rerun(akod_runs, args, bucket_env(s3), run_dir, steps, every)

@@ -366,6 +366,16 @@ class ScheduleBroker:
                                     f"({self._closed_reason})")
 
 
+def for_a_new_driver(state: dict) -> dict:
+    """A saved :meth:`ScheduleBroker.get_state` for the broker of a new driver (an AKOD run resumed after its driver
+    died): the answered windows (the replay's TrunkLog) and the counters, without what belonged to the dead
+    driver's PPO episodes. Its requests, pending or in flight, wait for an env that is gone, and their slots are
+    those of the step the dead trunk had reached when the state was saved, which need not be the step of the
+    checkpoint the new trunk resumes from (the two are saved apart); their unclaimed results have no reader; and
+    its latest state would show the new learner those old slots before rank 0 announces its own."""
+    return {**state, "pending": [], "in_flight": [], "results": [], "waited": [], "latest_result": None}
+
+
 def get_or_create_broker(run_id: str, namespace: str | None = None) -> ray.actor.ActorHandle:
     """The run's broker actor, created on first call.
 

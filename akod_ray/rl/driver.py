@@ -27,12 +27,13 @@ from akod_ray import storage
 from akod_ray.config import Config, save_config
 from akod_ray.data.parquet import to_model_range
 from akod_ray.diffusion.dko import DKOContext
-from akod_ray.rl.broker import BrokerClient, broker_name, get_or_create_broker
+from akod_ray.rl.broker import BrokerClient, broker_name, for_a_new_driver, get_or_create_broker
 from akod_ray.rl.env import make_env_config
 from akod_ray.rl.ppo import broker_error, build_ppo, explore_without_learning, load_rl_state_dict, policy_state
 from akod_ray.rl.worker_source import make_broker_schedule
 from akod_ray.errors import CheckpointError
-from akod_ray.training.checkpoint import atomic_torch_save, latest_checkpoint, load_state
+from akod_ray.storage import StoragePath
+from akod_ray.training.checkpoint import atomic_torch_save, latest_checkpoint, load_state, registered_checkpoint
 
 # ----------------------------------------------------------------- 1. setup
 
@@ -59,9 +60,9 @@ def load_broker_state(path: Path) -> dict:
     return state
 
 
-def resume_policy(algo, run_dir: Path) -> dict | None:
-    """Load the DKO state of the run's latest checkpoint into PPO (plain tensors); returns it, or None."""
-    path = latest_checkpoint(run_dir)
+def resume_policy(algo, path: StoragePath | None) -> dict | None:
+    """Load the DKO state of the checkpoint ``path`` (the one the trunk resumes from) into PPO (plain tensors);
+    returns it, or None when there is no checkpoint."""
     if path is None:
         return None
     dko = load_state(path).get("schedule_source", {}).get("dko")
@@ -193,9 +194,9 @@ def train_akod(cfg: Config, data_dir: str | None, run_id: str | None = None, cal
     client = BrokerClient(broker, cfg.rl.broker_timeout_s)
     broker_state = run_dir / "rl" / "broker_state.pt"
     if storage.exists(broker_state):
-        client.set_state(load_broker_state(broker_state), only_if_fresh=True)
+        client.set_state(for_a_new_driver(load_broker_state(broker_state)), only_if_fresh=True)
     algo = build_ppo(cfg, make_env_config(cfg, run_id))
-    dko = resume_policy(algo, run_dir)
+    dko = resume_policy(algo, registered_checkpoint(run_dir))  # where Ray Train resumes the trunk
     if dko is not None:
         client.publish_policy(dko)
     setup_s = time.perf_counter() - t0
@@ -228,7 +229,7 @@ def train_akod_local(cfg: Config, data, device: str | torch.device = "cpu") -> d
     broker = LocalBroker(cfg.rl.broker_timeout_s, name=broker_name(f"local-{run_dir.resolve()}"))
     env_config = make_env_config(cfg, f"local-{run_dir.resolve()}", broker_client_factory=local_broker_client)
     algo = build_ppo(cfg, env_config)
-    dko = resume_policy(algo, run_dir)
+    dko = resume_policy(algo, latest_checkpoint(run_dir))  # where LocalEnv resumes the trunk
     if dko is not None:
         broker.publish_policy(dko)
     env = LocalEnv(run_dir, cfg.train.num_to_keep, device)

@@ -160,6 +160,27 @@ def latest_checkpoint(folder: str | StoragePath) -> StoragePath | None:
     return next((p for _, p in found if checkpoint_complete(p)), None)
 
 
+TRAIN_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints, in the run folder
+
+
+def registered_checkpoint(run_dir: str | StoragePath) -> StoragePath | None:
+    """The checkpoint a Ray Train run resumes from: the latest that Train's index (:data:`TRAIN_INDEX`) registered,
+    or None without an index (Train then starts at step 0).
+
+    Not :func:`latest_checkpoint`: a worker uploads a checkpoint before the controller registers it, so a run killed
+    in between has a whole checkpoint folder newer than the one its trunk resumes from. Whatever else resumes with
+    the trunk (the AKOD driver's PPO policy) takes this one. An index that cannot be read is
+    :func:`akod_ray.training.trainer.check_train_index`'s to report; here it is None as well."""
+    import json
+
+    try:
+        index = json.loads(storage.read_bytes(location(run_dir) / TRAIN_INDEX).decode("utf-8"))
+        name = index["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, RecursionError, TypeError, KeyError):
+        return None
+    return location(run_dir) / name if isinstance(name, str) and CHECKPOINT_RE.match(name) else None
+
+
 def resolve_checkpoint(path: str | StoragePath) -> StoragePath:
     """A checkpoint folder (or state file) as given, or the latest checkpoint of a run folder."""
     path = location(path)

@@ -22,6 +22,7 @@ from akod_ray.data.parquet import check_schema, resolve_data_dir
 from akod_ray.diffusion.schedules import save_schedule
 from akod_ray.errors import AkodError, CheckpointError, ConfigError, DataError
 from akod_ray.storage import StoragePath, location
+from akod_ray.training.checkpoint import TRAIN_INDEX
 from akod_ray.training.schedule_source import fixed_betas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -106,7 +107,6 @@ def check_parquet_files(folder: StoragePath) -> None:
         check_schema(path, schema)
 
 
-TRAIN_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints, in the run folder
 
 
 def _train_index_problem(path: StoragePath) -> str | None:
