@@ -107,3 +107,16 @@ def s3(moto_server, monkeypatch) -> Bucket:
                       access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"], secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
                       allow_bucket_creation=True).create_dir(name)
     return Bucket(name, moto_server.url, env)
+
+
+def settled(read, pause: float = 1.0, timeout: float = 30.0):
+    """``read()`` once two reads ``pause`` seconds apart agree. A PUT that a killed writer had sent still lands
+    after the kill (the S3 server completes it), so the bucket's state is read when nothing changes it any more."""
+    last, deadline = read(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the bucket still changed {timeout:.0f} s after the kill")

@@ -17,7 +17,6 @@ import io
 import json
 import pickle
 import re
-import time
 
 import pytest
 import yaml
@@ -37,7 +36,7 @@ from ray_helpers import (  # noqa: F401 - akod_runs is a fixture
     require_cifar,
     wait_for_registered_checkpoint,
 )
-from s3_helpers import moto_server, s3  # noqa: F401 - fixtures
+from s3_helpers import moto_server, s3, settled  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +45,6 @@ RESUMED = re.compile(r"\[akod\] resumed from the checkpoint at step (\d+)")
 
 def bucket_env(s3, **extra) -> dict:
     return s3.child_env(akod_env(**extra))
-
-
-def settled(read, pause: float = 1.0, timeout: float = 30.0):
-    """``read()`` once two reads ``pause`` seconds apart agree. A PUT the killed driver had sent still lands after
-    the kill (the S3 server completes it), so the bucket's state is read only when nothing changes it any more."""
-    last, deadline = read(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(pause)
-        now = read()
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"the bucket still changed {timeout:.0f} s after the kill")
 
 
 def kill_and_rerun(akod_runs, args, env, run_dir, steps: int, every: int) -> tuple[int, list[dict], object]:

@@ -31,7 +31,7 @@ import yaml
 from akod_ray import storage
 from ray_cluster import OwnedRayProcesses, free_ports, start_time_now
 from ray_helpers import REPO, akod_cmd, interval_records, read_pid, registered_checkpoints, wait_until
-from s3_helpers import moto_server, s3  # noqa: F401 - fixtures
+from s3_helpers import moto_server, s3, settled  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -133,9 +133,10 @@ def test_a_sweep_resumes_its_trial_from_the_bucket_after_losing_its_worker_node(
             return (folders[0], ckpts[-1], pid) if ckpts and logged and logged[-1] > ckpts[-1] and pid else None
 
         run_dir, ckpt_seen, worker = wait_until(trial_mid_run, 400, "a checkpoint in the bucket, mid-trial", interval=0.5)
-        before = interval_records(run_dir)
 
         killed = cluster.kill_node("worker")  # the node is lost: its raylet, agents and the Train worker
+        # what the bucket holds once the lost node's last PUTs landed (older checkpoints are pruned later: num_to_keep)
+        registered, before = settled(lambda: (registered_checkpoints(run_dir), interval_records(run_dir)))
         assert worker in killed, f"the Train worker {worker} did not run on the worker node ({sorted(killed)})"
         assert ckpt_seen < STEPS
         replacement = cluster.node("replacement", cpus=1)
@@ -147,8 +148,8 @@ def test_a_sweep_resumes_its_trial_from_the_bucket_after_losing_its_worker_node(
         text = (tmp_path / "sweep.out").read_text()
         assert rc == 0, text[-5000:]
         resumed = [int(s) for s in RESUMED.findall(text)]
-        registered = registered_checkpoints(run_dir)
-        assert len(resumed) == 1 and resumed[0] >= ckpt_seen and resumed[0] in registered, (resumed, registered, text[-4000:])
+        # from the latest checkpoint registered when the node was lost
+        assert resumed == [registered[-1]] and registered[-1] >= ckpt_seen, (resumed, registered, text[-4000:])
         start = resumed[0]
         assert 0 < start < STEPS  # resumed from a checkpoint in the bucket, not rerun from step 0
 
