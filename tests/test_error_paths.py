@@ -72,6 +72,27 @@ def test_ray_trains_own_index_as_it_writes_it_passes(tmp_path):
     check_train_index(run)
 
 
+def test_the_checkpoint_a_train_run_resumes_from_is_the_one_its_index_registered(tmp_path):
+    """A worker uploads a checkpoint before Train registers it: a run killed in between holds a whole folder newer
+    than the one its trunk resumes from, and the AKOD driver's PPO policy must come from the registered one."""
+    from akod_ray.training.checkpoint import latest_checkpoint, registered_checkpoint
+
+    run = tmp_path / "run"
+    assert registered_checkpoint(run) is None  # no index: Train starts at step 0
+    for step in (2, 4):
+        make_checkpoint(run, step=step)
+    assert registered_checkpoint(run) is None
+    (run / TRAIN_INDEX).write_text(json.dumps(train_index(["checkpoint_00000002"])))
+    assert registered_checkpoint(run) == run / "checkpoint_00000002"
+    assert latest_checkpoint(run) == run / "checkpoint_00000004"
+    (run / TRAIN_INDEX).write_text(json.dumps(train_index([])))
+    assert registered_checkpoint(run) is None
+    index = train_index(["checkpoint_00000002"])
+    index["latest_checkpoint_result"]["checkpoint_dir_name"] = "../../checkpoint_00000002"
+    (run / TRAIN_INDEX).write_text(json.dumps(index))
+    assert registered_checkpoint(run) is None  # only a checkpoint folder's name, beside the index
+
+
 INDEX_CASES = [
     ("not_json", b"{'checkpoint_results': [", r"is not valid JSON \(.*\)"),
     ("a_pickle", pickle.dumps({"checkpoint_results": []}, protocol=4), r"is not valid JSON"),
