@@ -4,7 +4,8 @@ workers reach the bucket through AWS_ENDPOINT_URL and the AWS credentials in the
 of the run is written to a local folder but ray.log (in $TMPDIR/akod/s3/...).
 
 * a fixed run with its data in the bucket: trains, checkpoints, is SIGKILLed (driver and its Ray) after a
-  checkpoint, resumes from it when rerun; then `akod report`, `akod sample` and `akod fid` read the bucket;
+  checkpoint, resumes from it when rerun; then `akod report`, `akod sample`, `akod fid` and `akod export` read
+  the bucket;
 * an AKOD run: the same kill and resume (broker state, PPO policy and posted results in the bucket);
 * a sweep: finishes, one trial is marked unfinished and payloads are planted in the Tune state in the bucket;
   `--resume` keeps the finished trial, reruns the other, and runs no payload.
@@ -106,6 +107,8 @@ def test_a_fixed_run_in_a_bucket_resumes_after_a_kill_and_reads_back(s3, akod_ru
     assert main(["fid", run_uri, "--ref", str(DEFAULT_C10_REFERENCE), "--n", "4", "--steps", "3"]) == 0, \
         capsys.readouterr().err
     assert capsys.readouterr().out.splitlines()[-1].startswith("[akod] fid_c10 = ")
+    assert main(["export", run_uri, "--out", str(tmp_path / "pipeline")]) == 0, capsys.readouterr().err
+    assert {"model_index.json", "scheduler"} <= {p.name for p in (tmp_path / "pipeline").iterdir()}
 
 
 @pytest.mark.timeout(900)
