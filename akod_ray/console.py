@@ -161,9 +161,9 @@ class RayConsole:
 
 def _pid_files(runs_dir) -> list[tuple[storage.StoragePath, float]]:
     """(path, mtime) of every ``<run>/workers/rank<r>.pid`` under a sweep's run folders."""
-    if storage.is_remote(runs_dir):
-        return [(e.path, e.mtime or 0.0) for e in storage.walk_files(runs_dir)
-                if e.path.parent.name == "workers" and re.fullmatch(r"rank\d+\.pid", e.path.name)]
+    if storage.is_remote(runs_dir):  # one LIST of the run folders and one of each workers/, not of every object
+        return [(e.path, e.mtime or 0.0) for run in storage.list_dir(runs_dir) if run.is_dir
+                for e in storage.list_dir(run.path / "workers") if re.fullmatch(r"rank\d+\.pid", e.path.name)]
     out = []
     for path in Path(runs_dir).glob("*/workers/rank*.pid"):
         try:

@@ -10,7 +10,8 @@
    manifest, ``ckpt_every``), a sample grid at the end. Config: the tiny U-Net of tune_configs/tiny.yaml
    (channels 32-64), batch 32, CIFAR-10 subset, cosine schedule, bf16 off.
 2. The storage calls alone, each timed on both: publishing one checkpoint of that U-Net (state + manifest),
-   finding and loading the latest checkpoint, one metrics record appended to a metrics.jsonl of 200 records.
+   finding and loading the latest checkpoint, one metrics record appended to a metrics.jsonl of 200 records and
+   to one of 2,000 (in a bucket the object is read and written whole: the cost grows with the file).
 
 The server runs on this machine, so the figures are the client's cost (pyarrow's S3 client, HTTP, whole-object
 rewrites), not a network's: against a real bucket add the round trips (a few ms each in the same region).
@@ -21,6 +22,7 @@ Figures: storage_bucket_vs_local_run_ratio, storage_run_s_local, storage_run_s_b
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -36,6 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA_DIR, interleaved, loadavg, median, paired_ratios, write_figures  # noqa: E402
 
 import torch  # noqa: E402
+
+# a metrics.jsonl record as the loop writes it (its size: the fields of an interval record)
+RECORD = {"step": 12345, "loss": 0.0571, "ref_loss": 0.2563, "img_per_s": 241.3, "lr": 0.0005, "wall_s": 1234.5,
+          "budget_s": 1200.1, "grad_norm": 0.731, "loss_q0": 0.12, "loss_q1": 0.07, "loss_q2": 0.05, "loss_q3": 0.03}
+LONG = 2000  # records in the long metrics.jsonl: a run of 200,000 steps logged every 100
 
 ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
        "AWS_EC2_METADATA_DISABLED": "true"}
@@ -95,7 +102,7 @@ def main() -> None:
         from akod_ray.diffusion.schedules import save_schedule
         from akod_ray.training.checkpoint import latest_checkpoint, load_state
         from akod_ray.training.local import LocalEnv
-        from akod_ray.training.loop import TrainingRun, run_training
+        from akod_ray.training.loop import run_training
         from akod_ray.training.schedule_source import fixed_betas, fixed_source
 
         pafs.S3FileSystem(endpoint_override=url.split("://")[1], scheme="http", allow_bucket_creation=True,
@@ -120,15 +127,18 @@ def main() -> None:
         runs = interleaved({k: one_run(k) for k in roots}, warmup=1, reps=args.reps)
 
         # the calls alone, on the state of one such run
-        cfg = bench_config(roots["local"], "probe", 1, 1, 1)
-        state = TrainingRun(cfg, data, LocalEnv(cfg.run_dir), cfg.run_dir, fixed_source(cfg)).checkpoint_state()
+        first_local = min(p for p in Path(roots["local"]).iterdir() if p.name.startswith("local"))
+        state = load_state(latest_checkpoint(first_local))  # a checkpoint of the runs above, as the loop wrote it
         calls: dict[str, dict[str, list[float]]] = {}
         for kind, root in roots.items():
             run = storage.location(root) / "calls"
             env = LocalEnv(run, num_to_keep=2)
-            log = run / "metrics.jsonl"
-            storage.write_text(log, "".join('{"step": %d, "loss": 0.1}\n' % i for i in range(200)))
-            timings = calls.setdefault(kind, {"checkpoint": [], "latest_and_load": [], "metrics_record": []})
+            log, long_log = run / "metrics.jsonl", run / "long" / "metrics.jsonl"
+            record = json.dumps(RECORD)
+            storage.write_text(log, "".join(record + "\n" for _ in range(200)))
+            storage.write_text(long_log, "".join(record + "\n" for _ in range(LONG)))
+            timings = calls.setdefault(kind, {"checkpoint": [], "latest_and_load": [], "metrics_record": [],
+                                              f"metrics_record_{LONG}": []})
             for i in range(5):
                 t = time.perf_counter()
                 env.report({}, state, 10 * (i + 1))
@@ -137,8 +147,11 @@ def main() -> None:
                 load_state(latest_checkpoint(run))
                 timings["latest_and_load"].append(time.perf_counter() - t)
                 t = time.perf_counter()
-                storage.append_jsonl(log, {"step": 200 + i, "loss": 0.1})
+                storage.append_jsonl(log, RECORD)
                 timings["metrics_record"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                storage.append_jsonl(long_log, RECORD)
+                timings[f"metrics_record_{LONG}"].append(time.perf_counter() - t)
         ckpt_bytes = sum(e.size or 0 for e in storage.list_dir(storage.location(roots["local"]) / "calls" / "checkpoint_00000050"))
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -277,3 +277,22 @@ def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line_exit_2(s3, tmp_
     assert data.returncode == 2, data.stderr
     assert_one_clear_error(data.stderr, r"akod: error: data folder \(from AKOD_DATA_DIR\) 's3://somewhere/cifar10': "
                                         r"cannot use the object store at .*")
+
+
+def test_the_console_names_a_workers_lines_from_a_sweep_in_a_bucket(s3, capsys):
+    """A sweep in a bucket: the console finds each trial's worker files (rank0.pid, rank0.node) by listing the run
+    folders and their workers/ (not every object of the sweep) and credits a line by node and pid."""
+    from akod_ray.console import RayConsole, _pid_files
+
+    runs = storage.location(s3.uri("sweep", "runs"))
+    for folder, node in (("baseline_s0-aaaa1111", "10.0.0.1"), ("cosine_s0-bbbb2222", "10.0.0.2")):
+        storage.write_text(runs / folder / "workers" / "rank0.pid", "4242")
+        storage.write_text(runs / folder / "workers" / "rank0.node", node)
+        storage.write_text(runs / folder / "checkpoint_00000004" / "rank0.pid", "4242")  # no worker file
+    assert sorted(str(p) for p, _ in _pid_files(runs)) == [
+        str(runs / f / "workers" / "rank0.pid") for f in ("baseline_s0-aaaa1111", "cosine_s0-bbbb2222")]
+    with RayConsole(Path(storage.local_folder(runs)) / "ray.log", runs, local_node=lambda: "10.0.0.1"):
+        print("(RayTrainWorker pid=4242) [akod] step 2/8 loss 0.5")
+        print("(RayTrainWorker pid=4242, ip=10.0.0.2) [akod] step 4/8 loss 0.4")
+    assert capsys.readouterr().out.splitlines() == ["(baseline_s0) [akod] step 2/8 loss 0.5",
+                                                    "(cosine_s0) [akod] step 4/8 loss 0.4"]
