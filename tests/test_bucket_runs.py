@@ -70,7 +70,7 @@ def test_a_fixed_run_in_a_bucket_resumes_after_a_kill_and_reads_back(s3, akod_ru
     for split in ("train", "test"):  # the training data comes from the bucket too
         storage.upload_file(cifar / f"{split}.parquet", s3.uri("data", "cifar10", f"{split}.parquet"))
     env = bucket_env(s3, AKOD_DATA_DIR=s3.uri("data", "cifar10"))
-    steps, every = 30, 10
+    steps, every = 60, 10  # room for a kill mid-run on a loaded machine (the check and the kill take a while)
     run_uri = s3.uri("runs", "fixed")
     run_dir = storage.location(run_uri)
     args = ["train", str(TUNE_CONFIGS / "tiny.yaml"), *overrides(TINY, {

@@ -585,11 +585,42 @@ GCP_MUTATIONS = {
 }
 
 
+# the shared-filesystem rules: mounts, EFS, the data on the share (not for the bucket variant, which mounts nothing)
+SHARED_ONLY = {"storage uri", "no host mount", "worker overrides host mount", "no mount check", "mount elsewhere",
+               "no container mount", "container path differs", "data off the share", "efs in another region",
+               "nfs3 efs", "s3 instead of efs", "not a filestore share"}
+
+
+def _set_data(value: str):
+    def mutate(cfg):
+        docker = cfg["docker"]
+        for key in ("run_options", "head_run_options", "worker_run_options"):
+            docker[key] = [re.sub(r"AKOD_DATA_DIR=\S+", f"AKOD_DATA_DIR={value}", o) for o in docker.get(key) or []]
+    return mutate
+
+
+BUCKET_MUTATIONS = {
+    # data on a path makes it the shared variant, whose mounts are missing
+    "data on a local path": (_set_data("/mnt/akod-shared/data/cifar10"), "do not NFS-mount"),
+    "data in another store": (_set_data("gs://akod-data/cifar10"), "s3:// URI"),
+    "a shared mount beside the bucket": (_set(lambda c: c, "initialization_commands", [
+        "sudo mount -t nfs4 fs-1.efs.us-west-2.amazonaws.com:/ /mnt/akod-shared"]), "mounts a shared filesystem"),
+    "no instance profile": (lambda c: _worker(c)["node_config"].pop("IamInstanceProfile"), "IamInstanceProfile"),
+    "keys in the config": (lambda c: c["docker"]["run_options"].append("-e AWS_SECRET_ACCESS_KEY=abc"),
+                           "AWS_SECRET_ACCESS_KEY is set"),
+}
+
+
 def _cases():
     for path in CONFIGS:
-        provider = load(path)["provider"]["type"]
+        cfg = load(path)
+        provider, kind = cfg["provider"]["type"], storage_kind(cfg)
         extra = {"aws": AWS_MUTATIONS, "gcp": GCP_MUTATIONS}.get(provider, {})
-        for name, (mutate, expected) in {**COMMON_MUTATIONS, **extra}.items():
+        cases = {**COMMON_MUTATIONS, **extra}
+        if kind == "bucket":
+            cases = {k: v for k, v in cases.items() if k not in SHARED_ONLY} | (
+                BUCKET_MUTATIONS if provider == "aws" else {})
+        for name, (mutate, expected) in cases.items():
             yield pytest.param(path, mutate, expected, id=f"{path.name}-{name}")
 
 

@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 
+from akod_ray.storage import MANIFEST, read_manifest
 from akod_ray.training.checkpoint import STATE_FILE, load_state
 from ray_helpers import (  # noqa: F401 - akod_runs is a fixture
     TINY,
@@ -79,7 +80,9 @@ def test_two_workers_train_a_unet_through_ray_train(tmp_path, akod_runs):
     # checkpoints: plain tensors and data, in safetensors (the tensors) and JSON (the rest)
     ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert ckpts == ["checkpoint_00000020", "checkpoint_00000040"]
-    assert sorted(p.name for p in (run_dir / "checkpoint_00000040").iterdir()) == [STATE_FILE]
+    # Ray Train uploads the folder file by file: its manifest (sizes, sha256) says when it is whole (akod_ray/storage.py)
+    assert sorted(p.name for p in (run_dir / "checkpoint_00000040").iterdir()) == [MANIFEST, STATE_FILE]
+    assert list(read_manifest(run_dir / "checkpoint_00000040")) == [STATE_FILE]
     state = load_state(run_dir / "checkpoint_00000040")
     assert state["step"] == 40
     assert state["data"] == {"epoch": 2, "offset": 128}  # 256 images / 16 per step = 16 steps an epoch
