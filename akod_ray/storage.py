@@ -383,10 +383,15 @@ def write_bytes(p, data: bytes) -> StoragePath:
         with filesystem(p.scheme).open_output_stream(p.key) as f:
             f.write(data)
         return p
+    return _publish_local(p, lambda tmp: tmp.write_bytes(data))
+
+
+def _publish_local(p: Path, fill) -> Path:
+    """``fill(tmp)`` writes a temporary name beside ``p``, which is then renamed over it (parents created)."""
     make_dirs(p.parent)
     tmp = p.with_name(f"{p.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
-        tmp.write_bytes(data)
+        fill(tmp)
         tmp.replace(p)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -403,15 +408,7 @@ def upload_file(local: Path, p) -> StoragePath:
     p = location(p)
     if isinstance(p, ObjectPath):
         return write_bytes(p, Path(local).read_bytes())
-    make_dirs(p.parent)
-    tmp = p.with_name(f"{p.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    try:
-        shutil.copyfile(local, tmp)
-        tmp.replace(p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+    return _publish_local(p, lambda tmp: shutil.copyfile(local, tmp))
 
 
 def append_jsonl(p, record: dict) -> None:
